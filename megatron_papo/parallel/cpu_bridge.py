@@ -1,0 +1,107 @@
+"""Run megatron-core on a machine without CUDA (gloo backend), without forking megatron-core.
+
+megatron-core assumes CUDA in four places that matter for training with TP/PP/DP:
+
+1. its RNG tracker (``tensor_parallel.random``) saves and restores *CUDA* generator states;
+2. ``torch.cuda.current_device()`` is used as the device of buffers (p2p shapes, DDP buckets, ...);
+3. the pipeline schedules create tensors with ``device="cuda"`` (e.g. the token counter);
+4. ``torch.cuda.synchronize()`` is called after batched p2p communication.
+
+``install()`` bridges each of them, and only when ``torch.cuda.is_available()`` is false:
+
+1. a tracker with the same interface that forks the CPU generator;
+2. ``torch.cuda.current_device`` returns ``torch.device("cpu")``;
+3. the schedule entry points run under a ``TorchFunctionMode`` that maps ``device="cuda"`` to CPU;
+4. ``torch.cuda.synchronize`` becomes a no-op (CPU ops are synchronous).
+
+With CUDA present ``install()`` does nothing and megatron-core runs unchanged (NCCL).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from megatron.core.pipeline_parallel import schedules
+from megatron.core.tensor_parallel import random as mcore_random
+from torch.overrides import TorchFunctionMode
+
+_SCHEDULES = (
+    "forward_backward_no_pipelining",
+    "forward_backward_pipelining_without_interleaving",
+    "forward_backward_pipelining_with_interleaving",
+)
+_installed = False
+
+
+class CpuRNGStatesTracker(mcore_random.CudaRNGStatesTracker):
+    """megatron-core's RNG tracker, keeping CPU generator states instead of CUDA ones."""
+
+    def add(self, name: str, seed: int) -> None:
+        self._is_initialized = True
+        if seed in self.seeds_:
+            raise ValueError(f"seed {seed} already exists")
+        if name in self.states_:
+            raise ValueError(f"rng state {name} already exists")
+        self.seeds_.add(seed)
+        orig = torch.get_rng_state()
+        torch.manual_seed(seed)
+        self.states_[name] = torch.get_rng_state()
+        torch.set_rng_state(orig)
+
+    @contextlib.contextmanager
+    def fork(self, name: str = mcore_random._MODEL_PARALLEL_RNG_TRACKER_NAME) -> Iterator[None]:
+        if name not in self.states_:
+            raise ValueError(f"rng state {name} is not added")
+        orig = torch.get_rng_state()
+        torch.set_rng_state(self.states_[name])
+        try:
+            yield
+        finally:
+            self.states_[name] = torch.get_rng_state()
+            torch.set_rng_state(orig)
+
+
+class _CudaToCpu(TorchFunctionMode):
+    """Rewrites ``device="cuda"`` (or a CUDA ``torch.device``) in torch calls to CPU."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        kwargs = kwargs or {}
+        device = kwargs.get("device")
+        if device is not None and torch.device(device).type == "cuda":
+            kwargs["device"] = "cpu"
+        return func(*args, **kwargs)
+
+
+def _on_cpu(schedule: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(schedule)
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        with _CudaToCpu():
+            return schedule(*args, **kwargs)
+
+    return wrapped
+
+
+def install() -> bool:
+    """Bridge megatron-core's CUDA assumptions when no GPU is present. Idempotent.
+
+    Returns True if the bridge is active (no CUDA), False if CUDA is used unchanged.
+    """
+    global _installed
+    if torch.cuda.is_available():
+        return False
+    if _installed:
+        return True
+    mcore_random._CUDA_RNG_STATE_TRACKER = CpuRNGStatesTracker()
+    mcore_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+    mcore_random._get_cuda_rng_state = lambda *args, **kwargs: torch.get_rng_state()
+    mcore_random._set_cuda_rng_state = lambda state, *args, **kwargs: torch.set_rng_state(state)
+    torch.cuda.current_device = lambda: torch.device("cpu")
+    torch.cuda.synchronize = lambda device=None: None
+    for name in _SCHEDULES:
+        setattr(schedules, name, _on_cpu(getattr(schedules, name)))
+    _installed = True
+    return True
