@@ -19,8 +19,10 @@ class ParallelConfig:
         """DP size for ``world_size`` ranks; raises if TP x PP does not divide it."""
         model_parallel = self.tensor_model_parallel_size * self.pipeline_model_parallel_size
         if self.tensor_model_parallel_size < 1 or self.pipeline_model_parallel_size < 1:
-            raise ValueError(f"parallel sizes must be >= 1, got TP={self.tensor_model_parallel_size} "
-                             f"PP={self.pipeline_model_parallel_size}")
+            raise ValueError(
+                f"parallel sizes must be >= 1, got TP={self.tensor_model_parallel_size} "
+                f"PP={self.pipeline_model_parallel_size}"
+            )
         if world_size % model_parallel:
             raise ValueError(
                 f"world size {world_size} is not divisible by TP x PP = {self.tensor_model_parallel_size} x "

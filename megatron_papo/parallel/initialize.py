@@ -15,7 +15,9 @@ from megatron_papo.parallel.config import ParallelConfig
 from megatron_papo.parallel.launch_env import LaunchEnv, read_launch_env
 
 
-def initialize_distributed(cfg: ParallelConfig, launch: LaunchEnv | None = None, seed: int = 1234) -> LaunchEnv:
+def initialize_distributed(
+    cfg: ParallelConfig, launch: LaunchEnv | None = None, seed: int = 1234
+) -> LaunchEnv:
     """Initialize the process group, megatron-core's model-parallel groups and the RNG streams.
 
     On a CUDA machine: NCCL, one GPU per local rank. Without CUDA: gloo plus ``cpu_bridge``.

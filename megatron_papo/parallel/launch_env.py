@@ -78,5 +78,11 @@ def read_launch_env(env: Mapping[str, str] | None = None) -> LaunchEnv:
             master_port=port,
             launcher="slurm",
         )
-    return LaunchEnv(0, 1, 0, env.get("MASTER_ADDR", "127.0.0.1"),
-                     _int(env, "MASTER_PORT") if "MASTER_PORT" in env else DEFAULT_PORT, "single")
+    return LaunchEnv(
+        0,
+        1,
+        0,
+        env.get("MASTER_ADDR", "127.0.0.1"),
+        _int(env, "MASTER_PORT") if "MASTER_PORT" in env else DEFAULT_PORT,
+        "single",
+    )
