@@ -21,7 +21,10 @@ class LaunchEnv:
 
 
 def expand_nodelist(nodelist: str) -> list[str]:
-    """Expand a SLURM node list: ``"gpu[01-03,07],login1"`` -> ``["gpu01", "gpu02", "gpu03", "gpu07", "login1"]``."""
+    """Expand a SLURM node list.
+
+    ``"gpu[01-03,07],login1"`` -> ``["gpu01", "gpu02", "gpu03", "gpu07", "login1"]``.
+    """
     hosts: list[str] = []
     for prefix, ranges, plain in re.findall(r"([^,\[]+)\[([^\]]+)\]|([^,\[\]]+)", nodelist):
         if plain:
