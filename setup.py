@@ -21,6 +21,7 @@ setup(
         "numpy>=1.24",
         "pyyaml>=6",
         "tensorboard>=2.14",
+        "psutil>=5.9",
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.6"],

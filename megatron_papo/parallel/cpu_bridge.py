@@ -13,7 +13,7 @@ and the optimizer asserts on type strings (``param.type() == "torch.cuda.FloatTe
 
 1. a tracker with the same interface that forks the CPU generator;
 2. ``torch.cuda.current_device`` returns ``torch.device("cpu")``;
-3. a process-wide ``TorchFunctionMode`` maps ``device="cuda"`` in torch calls to CPU (its overhead
+3. a process-wide ``TorchFunctionMode`` maps ``device="cuda"`` and ``tensor.cuda()`` to CPU (its overhead
    was within timing noise on a 50-layer MLP forward+backward);
 4. ``torch.cuda.synchronize`` becomes a no-op (CPU ops are synchronous);
 
@@ -64,13 +64,15 @@ class CpuRNGStatesTracker(mcore_random.CudaRNGStatesTracker):
 
 
 class _CudaToCpu(TorchFunctionMode):
-    """Maps ``device="cuda"`` in torch calls to CPU; reports CPU tensors' ``type()`` by their CUDA names."""
+    """Maps ``device="cuda"`` and ``.cuda()`` to CPU; reports CPU tensors' ``type()`` by their CUDA names."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         kwargs = kwargs or {}
         device = kwargs.get("device")
         if device is not None and torch.device(device).type == "cuda":
             kwargs["device"] = "cpu"
+        if func is torch.Tensor.cuda:
+            return args[0]
         if func is torch.Tensor.type and len(args) == 1 and not kwargs:
             return func(*args).replace("torch.", "torch.cuda.", 1)
         return func(*args, **kwargs)

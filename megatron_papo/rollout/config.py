@@ -1,0 +1,30 @@
+"""The ``rollout`` section: which engine generates responses, and how it samples."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+
+@dataclass
+class RolloutConfig:
+    """Sampling of ``n`` responses per prompt (reference recipe: n=5, T=1.0, top_p=0.99)."""
+
+    backend: Literal["embedded", "vllm"] = "embedded"
+    n: int = 5
+    temperature: float = 1.0
+    top_p: float = 0.99
+    max_new_tokens: int = 2048
+    vllm_urls: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.n < 1:
+            raise ValueError(f"rollout.n must be >= 1, got {self.n}")
+        if self.temperature <= 0:
+            raise ValueError(f"rollout.temperature must be > 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"rollout.top_p must be in (0, 1], got {self.top_p}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"rollout.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.backend == "vllm" and not self.vllm_urls:
+            raise ValueError("rollout.backend is 'vllm' but rollout.vllm_urls is empty")

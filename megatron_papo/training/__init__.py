@@ -1,0 +1,1 @@
+"""Pieces of the training loop: optimizer, checkpoints, metrics, run health."""

@@ -1,0 +1,205 @@
+"""Atomic, resumable training checkpoints with megatron-core distributed checkpointing.
+
+Layout under ``checkpoint.dir``::
+
+    iter_0000010/      model + optimizer (sharded, any TP/PP layout can load it), scheduler, step, RNG, data
+    iter_0000020/
+    latest             the step of the newest complete checkpoint (written last, by rename)
+
+A save writes ``iter_N.tmp/`` on all ranks, waits for every rank, then rank 0 renames it to ``iter_N`` and
+rewrites ``latest`` through a temporary file; a crash at any point leaves the previous checkpoint and
+``latest`` intact. Only then are checkpoints beyond the newest ``keep_last`` removed.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
+from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+LATEST = "latest"
+# Optimizer state in the canonical per-parameter form, so a checkpoint loads at any TP / PP / DP layout.
+SHARDING_METADATA = {"distrib_optim_sharding_type": "fully_reshardable", "chained_optim_avoid_prefix": True}
+
+
+@dataclass
+class CheckpointConfig:
+    """The ``checkpoint`` section."""
+
+    dir: str = "runs/papo/checkpoints"
+    save_interval: int = 0  # steps between saves; 0: only at the end of the run
+    keep_last: int = 2
+    resume: bool = False
+
+    def __post_init__(self) -> None:
+        if self.save_interval < 0 or self.keep_last < 1:
+            raise ValueError(
+                f"checkpoint: need save_interval >= 0 and keep_last >= 1, got "
+                f"{self.save_interval} and {self.keep_last}"
+            )
+
+
+def _step_dir(root: str, step: int) -> str:
+    return os.path.join(root, f"iter_{step:07d}")
+
+
+def latest_step(root: str) -> int | None:
+    """Step of the newest complete checkpoint under ``root``, or None."""
+    path = os.path.join(root, LATEST)
+    if not os.path.exists(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        text = f.read().strip()
+    if not text.isdigit() or not os.path.isdir(_step_dir(root, int(text))):
+        raise RuntimeError(f"{path} names step {text!r}, but {_step_dir(root, int(text or 0))} is missing")
+    return int(text)
+
+
+def _rng_state() -> dict[str, Any]:
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
+    }
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _layout() -> dict[str, int]:
+    return {
+        "pp": parallel_state.get_pipeline_model_parallel_world_size(),
+        "tp": parallel_state.get_tensor_model_parallel_world_size(),
+        "dp": parallel_state.get_data_parallel_world_size(),
+    }
+
+
+def _rng_object(rng: dict[str, Any] | None) -> ShardedObject:
+    """RNG states, one per (PP, TP, DP) rank: meaningful only when reloaded at the same layout."""
+    layout = _layout()
+    ranks = (
+        parallel_state.get_pipeline_model_parallel_rank(),
+        parallel_state.get_tensor_model_parallel_rank(),
+        parallel_state.get_data_parallel_rank(),
+    )
+    return ShardedObject("rng_state", rng, (layout["pp"], layout["tp"], layout["dp"]), ranks, replica_id=0)
+
+
+def _unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
+    """The model inside megatron-core's DDP wrapper (whose own state dict keys carry a 'module.' prefix)."""
+    return getattr(chunk, "module", chunk)
+
+
+def _sharded_state(model: list[torch.nn.Module], optimizer, rng, with_rng: bool) -> dict[str, Any]:
+    model_sd = {
+        f"model{i}": _unwrap(chunk).sharded_state_dict(metadata=SHARDING_METADATA)
+        for i, chunk in enumerate(model)
+    }
+    flat_model = {k: v for chunk_sd in model_sd.values() for k, v in chunk_sd.items()}
+    state = {"model": model_sd}
+    if with_rng:
+        state["rng_state"] = _rng_object(rng)
+    if optimizer is not None:
+        state["optimizer"] = optimizer.sharded_state_dict(
+            flat_model, is_loading=rng is None, metadata=SHARDING_METADATA
+        )
+    return state
+
+
+def save_checkpoint(
+    cfg: CheckpointConfig,
+    step: int,
+    model: list[torch.nn.Module],
+    optimizer,
+    scheduler,
+    data_state: dict[str, Any] | None,
+    common: dict[str, Any] | None = None,
+) -> str:
+    """Save everything needed to resume after ``step``; returns the checkpoint directory."""
+    final = _step_dir(cfg.dir, step)
+    tmp = final + ".tmp"
+    if dist.get_rank() == 0:
+        os.makedirs(cfg.dir, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a crash mid-save
+        os.makedirs(tmp)
+    dist.barrier()
+    state = _sharded_state(model, optimizer, _rng_state(), with_rng=True)
+    state["common"] = {
+        "step": step,
+        "layout": _layout(),
+        "data_state": data_state,
+        "scheduler": scheduler.state_dict() if scheduler else None,
+        **(common or {}),
+    }
+    dist_checkpointing.save(state, tmp)
+    dist.barrier()
+    if dist.get_rank() == 0:
+        if os.path.exists(final):
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        with open(os.path.join(cfg.dir, LATEST + ".tmp"), "w", encoding="utf-8") as f:
+            f.write(str(step))
+        os.replace(os.path.join(cfg.dir, LATEST + ".tmp"), os.path.join(cfg.dir, LATEST))
+        kept = sorted(d for d in os.listdir(cfg.dir) if d.startswith("iter_") and not d.endswith(".tmp"))
+        for old in kept[: -cfg.keep_last]:
+            shutil.rmtree(os.path.join(cfg.dir, old))
+    dist.barrier()
+    return final
+
+
+def _materialize_optimizer_state(optimizer) -> None:
+    """Give a fresh distributed optimizer its Adam state tensors (and step), which the load fills in place.
+
+    megatron-core's DistributedOptimizer.state_dict() needs them to exist; this is what its own loader does.
+    The dummy step it takes changes parameters, which the model load then overwrites.
+    """
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if hasattr(opt, "_init_optimizer_states_with_dummy_values") and not opt.optimizer.state:
+            opt._init_optimizer_states_with_dummy_values()
+
+
+def load_checkpoint(
+    cfg: CheckpointConfig, model: list[torch.nn.Module], optimizer, scheduler, step: int | None = None
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Restore model, optimizer, scheduler and RNG from ``step`` (default: latest).
+
+    At the layout it was saved with, RNG states are restored too; at another TP / PP / DP layout, weights and
+    optimizer state are resharded and RNG states are left as seeded (they have no meaning across layouts).
+    Returns (common state with "step", the data-reader state given to ``save_checkpoint``).
+    """
+    step = latest_step(cfg.dir) if step is None else step
+    if step is None:
+        raise FileNotFoundError(f"no checkpoint to resume from in {cfg.dir} (no '{LATEST}' file)")
+    path = _step_dir(cfg.dir, step)
+    if optimizer is not None:
+        _materialize_optimizer_state(optimizer)
+    same_layout = dist_checkpointing.load_common_state_dict(path)["common"]["layout"] == _layout()
+    state = _sharded_state(model, optimizer, None, with_rng=same_layout)
+    state["common"] = None
+    loaded = dist_checkpointing.load(state, path)
+    for i, chunk in enumerate(model):
+        _unwrap(chunk).load_state_dict(loaded["model"][f"model{i}"])
+    if optimizer is not None:
+        optimizer.load_state_dict(loaded["optimizer"])
+    common = loaded["common"]
+    if scheduler is not None and common["scheduler"] is not None:
+        scheduler.load_state_dict(common["scheduler"])
+    if same_layout:
+        _set_rng_state(loaded["rng_state"])
+    return common, common["data_state"]

@@ -1,0 +1,67 @@
+"""Typed config trees: YAML + overrides, and errors that name the file and the key."""
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import pytest
+
+from megatron_papo.config_io import ConfigError, load_config, to_dict
+
+
+@dataclass
+class Inner:
+    lr: float = 1e-3
+    kind: Literal["a", "b"] = "a"
+    sizes: tuple[int, ...] = (1, 2)
+    path: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+
+
+@dataclass
+class Outer:
+    steps: int = 3
+    flag: bool = False
+    inner: Inner = field(default_factory=Inner)
+
+
+def test_yaml_and_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("steps: 5\ninner:\n  lr: 2\n  sizes: [3, 4]\n")
+    cfg = load_config(Outer, str(path), ["inner.kind=b", "flag=true", "inner.path=/x"])
+    assert cfg == Outer(steps=5, flag=True, inner=Inner(lr=2.0, kind="b", sizes=(3, 4), path="/x"))
+    assert isinstance(cfg.inner.lr, float)
+    assert to_dict(cfg)["inner"]["sizes"] == [3, 4]
+    assert load_config(Outer, None, []) == Outer()
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["inner.lrr=1"], r"unknown config key\(s\) \['inner.lrr'\]; valid keys of inner: \['kind', 'lr'"),
+        (["steps=1.5"], "steps: expected an integer, got 1.5"),
+        (["flag=1"], "flag: expected true/false"),
+        (["inner.kind=c"], r"inner.kind: 'c' is not one of \['a', 'b'\]"),
+        (["inner.lr=-1"], "inner: lr must be > 0, got -1.0"),
+        (["inner=3"], "expected a mapping for section Inner"),
+        (["steps"], "not of the form key.sub=value"),
+        (["steps.x=1"], "steps: expected an integer, got {'x': 1}"),
+    ],
+)
+def test_bad_values_name_the_key(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(Outer, None, overrides)
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(Outer, str(tmp_path / "missing.yaml"))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("steps: [1,\n")
+    with pytest.raises(ConfigError, match=f"config file {bad} is not valid YAML"):
+        load_config(Outer, str(bad))
+    bad.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config(Outer, str(bad))
