@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import torch
+from PIL import Image
 
 
 @dataclass
@@ -15,12 +16,16 @@ class RolloutRequest:
 
     input_ids: [prompt_len] with image placeholders expanded; pixel_values: [n_patches, 3*2*14*14];
     image_grid_thw: [n_images, 3]. ``seed`` makes the prompt's samples reproducible whatever the batching.
+    Engines that take chat text and images (vLLM servers) use ``prompt_text`` (the chat text with one
+    ``<|image_pad|>`` per image) and ``images`` (the RGB images before preprocessing) instead.
     """
 
     input_ids: torch.Tensor
     pixel_values: torch.Tensor | None
     image_grid_thw: torch.Tensor | None
     seed: int
+    prompt_text: str | None = None
+    images: list[Image.Image] | None = None
 
 
 @dataclass
