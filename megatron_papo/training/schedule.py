@@ -1,0 +1,55 @@
+"""Micro-batches through megatron-core's pipeline schedules: the one way the trainer runs the policy.
+
+``run_schedule`` feeds a list of prepared micro-batches to ``get_forward_backward_func`` (no pipelining,
+1F1B or interleaved, as megatron-core picks for the layout). The caller's ``loss_fn(batch, logits)``
+runs on the last pipeline stage with vocab-parallel logits ``[b, s, vocab/tp]`` and returns
+``(loss, outputs)``; the schedule divides ``loss`` by the number of micro-batches before backward, so
+callers that normalise by a global count multiply it back (see ``trainer``). ``outputs`` of every
+micro-batch come back, in order, on the last stage (an empty list elsewhere).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
+import torch
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+Batch = dict[str, Any]
+LossFn = Callable[[Batch, torch.Tensor], tuple[torch.Tensor, dict[str, Any]]]
+
+
+def _forward_step(loss_fn: LossFn, data_iterator, model):
+    batch = next(data_iterator)
+    output = model(
+        input_ids=batch["input_ids"],
+        position_ids=batch["position_ids"],
+        attention_mask=batch["attention_mask"],
+        pixel_values=batch["pixel_values"],
+        image_grid_thw=batch["image_grid_thw"],
+    )
+    return output, partial(loss_fn, batch)
+
+
+def run_schedule(
+    model: list[torch.nn.Module], batches: list[Batch], loss_fn: LossFn, forward_only: bool
+) -> list[dict[str, Any]]:
+    """Run ``batches`` (each with input_ids [b, s], same b and s for all) through ``model`` chunks."""
+    if not batches:
+        return []
+    b, s = batches[0]["input_ids"].shape
+    if any(x["input_ids"].shape != (b, s) for x in batches):
+        raise ValueError("pipeline schedules need every micro-batch to have the same [batch, seq] shape")
+    context = torch.no_grad() if forward_only else torch.enable_grad()
+    with context:
+        return get_forward_backward_func()(
+            forward_step_func=partial(_forward_step, loss_fn),
+            data_iterator=iter(batches),
+            model=model,
+            num_microbatches=len(batches),
+            seq_length=s,
+            micro_batch_size=b,
+            forward_only=forward_only,
+        )

@@ -1,0 +1,141 @@
+"""Prompt + response sequences of one RL step, padded to one length, and their micro-batches.
+
+Sequence ``i`` is ``prompt(i) + response(i)`` right-padded to ``L``. Log-probs live at the position that
+predicts a token: ``logits[:, t]`` scores ``labels[:, t] = input_ids[:, t + 1]``, and ``loss_mask[:, t]``
+is 1 where that token is a response token (EOS included). Per-token tensors are ``[N, L]`` in this layout.
+Each sequence keeps references to its prompt's images (original and masked): the ``n`` responses of a
+prompt share one tensor, and a micro-batch concatenates the images of its sequences in order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class StepSequences:
+    """Everything per sequence that the passes over the policy need.
+
+    input_ids, attention_mask, labels: [N, L] int64; loss_mask: [N, L] float32; position_ids: [3, N, L];
+    pixel_values / masked_pixel_values: per sequence [n_patches_i, 3*2*14*14] (or None: text only);
+    image_grid_thw: per sequence [n_images_i, 3] (or None); advantages: [N]. Per-token tensors filled by
+    the trainer (old / masked / reference log-probs) are [N, L] and live in ``token_data``.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor
+    loss_mask: torch.Tensor
+    position_ids: torch.Tensor
+    pixel_values: list[torch.Tensor | None]
+    masked_pixel_values: list[torch.Tensor | None]
+    image_grid_thw: list[torch.Tensor | None]
+    advantages: torch.Tensor
+    token_data: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    @property
+    def length(self) -> int:
+        return self.input_ids.shape[1]
+
+
+PositionFn = Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor], torch.Tensor]
+
+
+def build_sequences(
+    prompts: list[torch.Tensor],
+    responses: list[torch.Tensor],
+    pixel_values: list[torch.Tensor | None],
+    masked_pixel_values: list[torch.Tensor | None],
+    image_grid_thw: list[torch.Tensor | None],
+    advantages: torch.Tensor,
+    pad_id: int,
+    length: int,
+    position_fn: PositionFn,
+) -> StepSequences:
+    """Right-pad ``prompt + response`` pairs to ``length``.
+
+    prompts[i]: [P_i], responses[i]: [R_i] (non-empty); ``position_fn(input_ids [1, L], grid [n, 3] | None,
+    attention_mask [1, L]) -> [3, 1, L]`` gives the multimodal RoPE positions of one sequence.
+    """
+    n = len(prompts)
+    if not (len(responses) == len(pixel_values) == len(masked_pixel_values) == len(image_grid_thw) == n):
+        raise ValueError(
+            "build_sequences: prompts, responses and image lists must have one entry per sequence"
+        )
+    input_ids = torch.full((n, length), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros(n, length, dtype=torch.long)
+    loss_mask = torch.zeros(n, length, dtype=torch.float32)
+    position_ids = torch.zeros(3, n, length, dtype=torch.long)
+    for i, (p, r) in enumerate(zip(prompts, responses, strict=True)):
+        total = len(p) + len(r)
+        if len(r) == 0 or total > length:
+            raise ValueError(
+                f"sequence {i}: prompt {len(p)} + response {len(r)} tokens does not fit "
+                f"length {length} (responses must be non-empty)"
+            )
+        input_ids[i, :total] = torch.cat([p, r])
+        attention_mask[i, :total] = 1
+        loss_mask[i, len(p) - 1 : total - 1] = 1.0  # positions predicting the response tokens
+        position_ids[:, i : i + 1] = position_fn(
+            input_ids[i : i + 1], image_grid_thw[i], attention_mask[i : i + 1]
+        )
+    labels = torch.cat([input_ids[:, 1:], torch.full((n, 1), pad_id, dtype=torch.long)], dim=1)
+    return StepSequences(
+        input_ids,
+        attention_mask,
+        labels,
+        loss_mask,
+        position_ids,
+        list(pixel_values),
+        list(masked_pixel_values),
+        list(image_grid_thw),
+        advantages.float(),
+    )
+
+
+def _cat_images(images: list[torch.Tensor | None]) -> torch.Tensor | None:
+    present = [x for x in images if x is not None]
+    return torch.cat(present) if present else None
+
+
+def micro_batch(
+    seqs: StepSequences, index: torch.Tensor, masked: bool = False
+) -> dict[str, torch.Tensor | None]:
+    """The model inputs and per-token data of sequences ``index`` ([b] int64), in that order.
+
+    ``masked``: the masked images instead of the originals (same tokens and positions). Keys:
+    input_ids, attention_mask, labels, loss_mask [b, L]; position_ids [3, b, L]; pixel_values
+    [sum n_patches, 3*2*14*14] | None; image_grid_thw [sum n_images, 3] | None; advantages [b]; and each
+    ``token_data`` entry [b, L].
+    """
+    idx = index.tolist()
+    images = seqs.masked_pixel_values if masked else seqs.pixel_values
+    batch = {
+        "input_ids": seqs.input_ids[index],
+        "attention_mask": seqs.attention_mask[index],
+        "labels": seqs.labels[index],
+        "loss_mask": seqs.loss_mask[index],
+        "position_ids": seqs.position_ids[:, index],
+        "pixel_values": _cat_images([images[i] for i in idx]),
+        "image_grid_thw": _cat_images([seqs.image_grid_thw[i] for i in idx]),
+        "advantages": seqs.advantages[index],
+    }
+    batch.update({k: v[index] for k, v in seqs.token_data.items()})
+    return batch
+
+
+def micro_batch_indices(order: torch.Tensor, micro_batch_size: int) -> Iterator[torch.Tensor]:
+    """Consecutive chunks of ``order`` ([n] sequence indices), ``micro_batch_size`` each.
+
+    Pipeline schedules exchange activations of one fixed shape, so ``n`` must be a multiple of it.
+    """
+    if len(order) % micro_batch_size:
+        raise ValueError(f"{len(order)} sequences do not split into micro-batches of {micro_batch_size}")
+    for start in range(0, len(order), micro_batch_size):
+        yield order[start : start + micro_batch_size]

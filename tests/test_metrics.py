@@ -1,0 +1,48 @@
+"""Metrics files a person can plot, and the KL_prc-hacking rule."""
+
+import io
+import json
+
+from megatron_papo.training.hacking import HackingDetector, HackingDetectorConfig
+from megatron_papo.training.metrics import MetricsLogger
+
+
+def test_jsonl_tensorboard_and_console(tmp_path):
+    stream = io.StringIO()
+    log = MetricsLogger(str(tmp_path), total_steps=4, stream=stream)
+    log.log(1, {"reward/mean": 0.25, "papo/kl_prc": 0.01})
+    log.log(2, {"reward/mean": 0.5, "papo/kl_prc": float("nan")})
+    log.close()
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and rows[1]["reward/mean"] == 0.5
+    assert "step 2/4" in stream.getvalue() and "eta" in stream.getvalue() and "mean=0.5" in stream.getvalue()
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [e.value for e in events.Scalars("reward/mean")] == [0.25, 0.5]
+
+
+def _step(kl, ent, clip):
+    return {
+        "papo/kl_prc": kl,
+        "papo/entropy": ent,
+        "papo/masked_entropy": ent,
+        "actor/pg_clipfrac_high": clip,
+    }
+
+
+def test_hacking_detector_fires_on_the_pattern_only():
+    cfg = HackingDetectorConfig(warmup_steps=2, patience=2)
+    calm = HackingDetector(cfg)
+    # KL_prc rises alone (healthy PAPO learning): no flag
+    assert not any(calm.update(_step(0.01 * 10**i, 1.0, 0.01)) for i in range(6))
+    hacked = HackingDetector(cfg)
+    flags = [
+        hacked.update(m)
+        for m in [_step(0.01, 1.0, 0.01), _step(0.01, 1.0, 0.01), _step(0.2, 1.5, 0.1), _step(0.5, 2.0, 0.2)]
+    ]
+    assert flags == [False, False, False, True]
+    restored = HackingDetector(cfg)
+    restored.load_state_dict(hacked.state_dict())
+    assert restored.update(_step(0.6, 2.1, 0.2))
