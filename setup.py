@@ -22,6 +22,7 @@ setup(
         "pyyaml>=6",
         "tensorboard>=2.14",
         "psutil>=5.9",
+        "matplotlib>=3.7",
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.6"],

@@ -46,3 +46,22 @@ def test_hacking_detector_fires_on_the_pattern_only():
     restored = HackingDetector(cfg)
     restored.load_state_dict(hacked.state_dict())
     assert restored.update(_step(0.6, 2.1, 0.2))
+
+
+def test_plot_metrics_writes_a_png(tmp_path):
+    import subprocess
+    import sys
+
+    run = tmp_path / "papo"
+    run.mkdir()
+    rows = [
+        {"step": s, "reward/mean": 0.1 * s, "papo/kl_prc": 0.01 * s, "papo/entropy": 1.0} for s in (1, 2, 3)
+    ]
+    (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    out = tmp_path / "plot.png"
+    tool = __file__.replace("tests/test_metrics.py", "tools/plot_metrics.py")
+    subprocess.run([sys.executable, tool, str(run / "metrics.jsonl"), "-o", str(out)], check=True)
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 5000
+    (run / "bad.jsonl").write_text("{not json\n")
+    bad = subprocess.run([sys.executable, tool, str(run / "bad.jsonl")], capture_output=True, text=True)
+    assert bad.returncode != 0 and "bad.jsonl:1: not a JSON line" in bad.stderr

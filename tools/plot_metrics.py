@@ -1,0 +1,74 @@
+"""Plot a run's ``metrics.jsonl``: reward, accuracy, KL_prc and both entropies over steps.
+
+    python tools/plot_metrics.py runs/tiny_cpu/metrics.jsonl [more runs ...] -o runs/tiny_cpu/metrics.png
+
+Several files overlay their curves (labelled by their run directory), e.g. GRPO against PAPO.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+PANELS = (
+    ("reward/mean", "reward"),
+    ("reward/accuracy", "accuracy"),
+    ("papo/kl_prc", "KL_prc"),
+    ("papo/entropy", "entropy (original image)"),
+    ("papo/masked_entropy", "entropy (masked image)"),
+    ("actor/pg_clipfrac_high", "high-side clip fraction"),
+)
+
+
+def read_metrics(path: str) -> list[dict[str, float]]:
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise SystemExit(f"{path}:{number}: not a JSON line ({e})") from e
+    if not rows:
+        raise SystemExit(f"{path}: no metrics rows")
+    return rows
+
+
+def plot(paths: list[str], out: str) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 3, figsize=(14, 7))
+    for path in paths:
+        rows = read_metrics(path)
+        label = os.path.basename(os.path.dirname(os.path.abspath(path)))
+        for ax, (key, title) in zip(axes.flat, PANELS, strict=True):
+            points = [(r["step"], r[key]) for r in rows if key in r]
+            if points:
+                ax.plot(*zip(*points, strict=True), marker=".", label=label)
+            ax.set_title(title)
+            ax.set_xlabel("step")
+    axes.flat[0].legend()
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    fig.savefig(out, dpi=100)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("metrics", nargs="+", help="metrics.jsonl files")
+    parser.add_argument("-o", "--output", help="PNG path (default: beside the first file)")
+    args = parser.parse_args()
+    out = args.output or os.path.join(os.path.dirname(os.path.abspath(args.metrics[0])), "metrics.png")
+    print(f"wrote {plot(args.metrics, out)}")
+
+
+if __name__ == "__main__":
+    main()
