@@ -1,0 +1,5 @@
+"""Fused vocab-parallel ops: log-probs, entropies and KLs over tensor-parallel vocabulary shards."""
+
+from megatron_papo.ops.vocab_parallel import full_kl, kl_estimate, log_probs_and_entropy
+
+__all__ = ["full_kl", "kl_estimate", "log_probs_and_entropy"]
