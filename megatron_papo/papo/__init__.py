@@ -1,0 +1,1 @@
+"""The PAPO objective: config, advantages and the loss."""

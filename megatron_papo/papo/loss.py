@@ -1,0 +1,190 @@
+"""The PAPO objective (``../shared/papo-spec.md``): what a researcher reads to know what is optimised.
+
+Per response token t (response mask m_t), with lp = log pi_theta(o_t | q, I), lp_mask = the same with the
+masked image I_mask, lp_old the pre-update policy and A the response's advantage:
+
+    r_t       = exp(clamp(lp - lp_old, -20, 20))
+    pg_t      = max(-A r_t, -A clip(r_t, 1 - eps_low, 1 + eps_high))     (A < 0: min(pg_t, -A clip_dual))
+    KL_prc_t  = exp(d) - d - 1,  d = lp_mask - lp                         (k3 of KL(pi || pi_mask), clamped)
+    H_t       = -lp (reference estimator) or the exact vocabulary entropy
+
+    loss = agg(pg) - gamma * agg(KL_prc) + eta1 * agg(H[pi]) + eta2 * agg(H[pi_mask]) + beta * agg(k3_ref)
+
+KL_prc is *maximised* (the policy should depend on the image); the Double Entropy Loss keeps that from
+being hacked. ``agg`` is the configured aggregation (``token-mean`` by default). All inputs are
+per micro-batch on the last pipeline stage, logits vocab-parallel; nothing gathers the vocabulary.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from megatron_papo.ops.vocab_parallel import full_kl, kl_estimate, log_probs_and_entropy
+from megatron_papo.papo.config import AlgorithmConfig
+
+
+def aggregate(
+    values: torch.Tensor, mask: torch.Tensor, mode: str, global_token_count: float | None = None
+) -> torch.Tensor:
+    """Reduce per-token ``values`` [b, s] over response tokens ``mask`` [b, s] to a scalar.
+
+    token-mean: sum / tokens (``global_token_count``: the tokens of the whole mini-batch on all DP ranks,
+    so that summed micro-batch losses make one exact token-mean); seq-mean-token-mean: mean over sequences
+    of each one's token-mean; seq-mean-token-sum: mean over sequences of each one's token sum.
+    """
+    masked = values * mask
+    if mode == "token-mean":
+        denominator = global_token_count if global_token_count is not None else mask.sum().clamp(min=1)
+        return masked.sum() / denominator
+    if mode == "seq-mean-token-mean":
+        return (masked.sum(-1) / mask.sum(-1).clamp(min=1)).mean()
+    if mode == "seq-mean-token-sum":
+        return masked.sum(-1).mean()
+    raise ValueError(f"unknown loss_agg_mode {mode!r}")
+
+
+def _local_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return ((values * mask).sum() / mask.sum().clamp(min=1)).detach()
+
+
+def _top_p_mask(kl: torch.Tensor, mask: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Per sample, 1 on the ceil(top_p * tokens) response tokens with the largest KL_prc."""
+    keep = torch.zeros_like(mask)
+    ranked = torch.where(mask > 0, kl.detach(), torch.full_like(kl, -torch.inf)).argsort(
+        dim=-1, descending=True
+    )
+    counts = torch.ceil(mask.sum(-1) * top_p).long()
+    for i, count in enumerate(counts.tolist()):
+        keep[i, ranked[i, :count]] = 1.0
+    return keep * mask
+
+
+def perception_kl(
+    cfg: AlgorithmConfig,
+    lp: torch.Tensor,
+    lp_mask: torch.Tensor,
+    logits: torch.Tensor | None = None,
+    masked_logits: torch.Tensor | None = None,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """Per-token KL_prc [b, s] with the configured estimator, clamped as the reference does."""
+    if cfg.kl_prc_estimator == "exact":
+        if logits is None or masked_logits is None:
+            raise ValueError("kl_prc_estimator 'exact' needs the original and masked logits")
+        b, s, v = logits.shape
+        kl = full_kl(logits.reshape(b * s, v), masked_logits.reshape(b * s, v), temperature).view(b, s)
+    elif cfg.kl_prc_estimator == "k3_inverted":  # the paper's figure: ratio pi / pi_mask
+        kl = kl_estimate(lp_mask, lp, "k3")
+    else:  # reference: x = lp_mask - lp, KL(pi || pi_mask) estimated on tokens sampled from pi
+        kl = kl_estimate(lp, lp_mask, cfg.kl_prc_estimator)
+    kl = kl.clamp(-cfg.kl_prc_clamp, cfg.kl_prc_clamp)
+    if cfg.kl_prc_token_clip is not None:
+        kl = kl.clamp(0.0, cfg.kl_prc_token_clip)
+    return kl
+
+
+def papo_loss(
+    cfg: AlgorithmConfig,
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    loss_mask: torch.Tensor,
+    advantages: torch.Tensor,
+    old_log_probs: torch.Tensor,
+    *,
+    masked_logits: torch.Tensor | None = None,
+    masked_log_probs: torch.Tensor | None = None,
+    ref_log_probs: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    progress: float = 0.0,
+    global_token_count: float | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The loss of one micro-batch and its metrics.
+
+    logits: [b, s, vocab/tp] (with gradient); labels, loss_mask, old_log_probs: [b, s] (labels[t] is the
+    token logits[t] scores; loss_mask 1 on response tokens); advantages: [b]. The masked image comes as
+    ``masked_logits`` [b, s, vocab/tp] (with gradient when ``cfg.masked_grad``) or as precomputed
+    ``masked_log_probs`` [b, s] (no gradient: the reference default). ``ref_log_probs`` [b, s] when the
+    ref-KL term is on. ``progress`` in [0, 1] drives gamma annealing. ``global_token_count``: see
+    ``aggregate`` (the caller then scales the loss for the schedule's averaging).
+    """
+    b, s, v = logits.shape
+    if labels.shape != (b, s) or loss_mask.shape != (b, s) or old_log_probs.shape != (b, s):
+        raise ValueError(
+            f"labels, loss_mask and old_log_probs must be [{b}, {s}], got {tuple(labels.shape)}, "
+            f"{tuple(loss_mask.shape)}, {tuple(old_log_probs.shape)}"
+        )
+    if advantages.shape != (b,):
+        raise ValueError(f"advantages must be [{b}], got {tuple(advantages.shape)}")
+    mask = loss_mask.to(logits.dtype)
+
+    def agg(values: torch.Tensor, m: torch.Tensor = mask) -> torch.Tensor:
+        return aggregate(values, m, cfg.loss_agg_mode, global_token_count)
+
+    lp, entropy = log_probs_and_entropy(logits.reshape(b * s, v), labels.reshape(b * s), temperature)
+    lp, entropy = lp.view(b, s), entropy.view(b, s)
+
+    # clipped surrogate (GRPO / DAPO), dual clip for negative advantages
+    log_ratio = (lp - old_log_probs).clamp(-cfg.log_ratio_clamp, cfg.log_ratio_clamp)
+    ratio = torch.exp(log_ratio)
+    a = advantages.to(lp.dtype).unsqueeze(-1)
+    unclipped = -a * ratio
+    clipped = -a * ratio.clamp(1 - cfg.eps_low, 1 + cfg.eps_high)
+    pg = torch.maximum(unclipped, clipped)
+    pg = torch.where(a < 0, torch.minimum(pg, -a * cfg.clip_dual), pg)
+    pg_loss = agg(pg)
+    loss = pg_loss
+    metrics = {
+        "actor/pg_loss": _local_mean(pg, mask),
+        "actor/pg_clipfrac": _local_mean((clipped > unclipped).to(mask.dtype), mask),
+        "actor/pg_clipfrac_high": _local_mean(((ratio > 1 + cfg.eps_high) & (a > 0)).to(mask.dtype), mask),
+        "actor/pg_clipfrac_low": _local_mean(((ratio < 1 - cfg.eps_low) & (a < 0)).to(mask.dtype), mask),
+        "actor/approx_kl": _local_mean(-log_ratio, mask),
+        "papo/entropy": _local_mean(entropy, mask),
+    }
+
+    factor = cfg.anneal_factor(progress)
+    if cfg.eta1:
+        loss = loss + cfg.eta1 * factor * agg(entropy if cfg.entropy_estimator == "exact" else -lp)
+
+    if cfg.uses_masked_images:
+        masked_entropy = None
+        if masked_logits is not None:
+            if masked_logits.shape != logits.shape:
+                raise ValueError(f"masked_logits {tuple(masked_logits.shape)} must match logits {(b, s, v)}")
+            lp_mask, masked_entropy = log_probs_and_entropy(
+                masked_logits.reshape(b * s, v), labels.reshape(b * s), temperature
+            )
+            lp_mask, masked_entropy = lp_mask.view(b, s), masked_entropy.view(b, s)
+            if not cfg.masked_grad:
+                lp_mask, masked_entropy = lp_mask.detach(), masked_entropy.detach()
+        elif masked_log_probs is not None:
+            if masked_log_probs.shape != (b, s):
+                raise ValueError(f"masked_log_probs must be [{b}, {s}], got {tuple(masked_log_probs.shape)}")
+            lp_mask = masked_log_probs.detach()
+        else:
+            raise ValueError(
+                f"algorithm {cfg.name} (gamma={cfg.gamma}, eta2={cfg.eta2}) needs the masked image: "
+                "pass masked_logits or masked_log_probs"
+            )
+        kl = perception_kl(cfg, lp, lp_mask, logits, masked_logits if cfg.masked_grad else None, temperature)
+        kl_mask = _top_p_mask(kl, mask, cfg.kl_prc_top_p) if cfg.kl_prc_top_p is not None else mask
+        if cfg.gamma:
+            loss = loss - cfg.gamma * factor * agg(kl, kl_mask)
+        if cfg.eta2:
+            h_mask = masked_entropy if cfg.entropy_estimator == "exact" else -lp_mask
+            loss = loss + cfg.eta2 * factor * agg(h_mask)
+        metrics["papo/kl_prc"] = _local_mean(kl, kl_mask)
+        metrics["papo/masked_entropy"] = _local_mean(
+            masked_entropy if masked_entropy is not None else -lp_mask, mask
+        )
+        metrics["papo/gamma"] = torch.tensor(cfg.gamma * factor)
+
+    if cfg.uses_ref_kl:
+        if ref_log_probs is None or ref_log_probs.shape != (b, s):
+            raise ValueError(f"ref_kl_coef={cfg.ref_kl_coef} needs ref_log_probs [{b}, {s}]")
+        ref_kl = kl_estimate(lp, ref_log_probs.detach(), "k3").clamp(-10.0, 10.0)
+        loss = loss + cfg.ref_kl_coef * agg(ref_kl)
+        metrics["actor/ref_kl"] = _local_mean(ref_kl, mask)
+
+    metrics["actor/loss"] = loss.detach()
+    return loss, metrics

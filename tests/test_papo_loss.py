@@ -1,0 +1,263 @@
+"""The PAPO objective against float64 single-process math written from the spec, at TP = 1, 2, 4."""
+
+import math
+
+import pytest
+import torch
+from multiprocess import run_distributed
+
+from megatron_papo.papo.advantages import dynamic_sampling_keep, grpo_advantages, overlong_penalty
+from megatron_papo.papo.config import AlgorithmConfig
+from megatron_papo.papo.loss import papo_loss
+
+B, S, V = 3, 7, 32
+
+CONFIGS = {
+    "grpo": dict(name="grpo"),
+    "papo_g_reference": dict(name="papo_g"),
+    "papo_d_masked_grad": dict(name="papo_d", masked_grad=True, global_token_mean=True),
+    "exact_kl_entropy": dict(
+        name="papo_g", masked_grad=True, kl_prc_estimator="exact", entropy_estimator="exact"
+    ),
+    "inverted_clipped_top_p": dict(
+        name="papo_g",
+        masked_grad=True,
+        kl_prc_estimator="k3_inverted",
+        kl_prc_token_clip=0.2,
+        kl_prc_top_p=0.5,
+        gamma=0.5,
+    ),
+    "k2_seq_mean_annealed": dict(
+        name="papo_d",
+        masked_grad=True,
+        kl_prc_estimator="k2",
+        loss_agg_mode="seq-mean-token-mean",
+        gamma_anneal="linear",
+        gamma_end=0.2,
+    ),
+    "k1_seq_sum": dict(name="papo_g", kl_prc_estimator="k1", loss_agg_mode="seq-mean-token-sum"),
+}
+TEMPERATURE, PROGRESS, GLOBAL_TOKENS = 0.8, 0.5, 40.0
+
+
+def _inputs(dtype=torch.float64):
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(B, S, V, generator=g, dtype=torch.float64) * 3
+    logits[0, 1] *= 50  # extreme magnitudes
+    logits[1, 2, ::4] = -torch.inf  # masked vocabulary entries
+    masked = logits + torch.randn(B, S, V, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, V, (B, S), generator=g)
+    labels[1, 2] = 1
+    mask = torch.zeros(B, S, dtype=torch.float64)
+    mask[0, 2:6], mask[1, 1:7], mask[2, 3:5] = 1, 1, 1
+    lp_now = torch.log_softmax(logits / TEMPERATURE, -1).gather(-1, labels[..., None]).squeeze(-1)
+    old = lp_now + 0.3 * torch.randn(B, S, generator=g, dtype=torch.float64)  # ratios both sides of the clip
+    old[0, 3] = lp_now[0, 3] - 5  # far outside the clip range
+    old[1, 3] = lp_now[1, 3] - 2  # ratio e^2 > clip_dual with a negative advantage: dual clip acts
+    ref = lp_now + 0.2 * torch.randn(B, S, generator=g, dtype=torch.float64)
+    advantages = torch.tensor([1.3, -0.7, 0.4], dtype=torch.float64)
+    return [
+        x.to(dtype) if x.is_floating_point() else x
+        for x in (logits, masked, labels, mask, old, ref, advantages)
+    ]
+
+
+def _spec_loss(cfg: AlgorithmConfig, logits, masked, labels, mask, old, ref, adv):
+    """The spec, line by line, float64, with the full vocabulary at hand."""
+    finite = lambda x: torch.where(torch.isinf(x), torch.full_like(x, -1e5), x)  # noqa: E731
+    log_p = torch.log_softmax(finite(logits) / TEMPERATURE, -1)
+    log_q = torch.log_softmax(finite(masked) / TEMPERATURE, -1)
+    lp = log_p.gather(-1, labels[..., None]).squeeze(-1)
+    lp_mask = log_q.gather(-1, labels[..., None]).squeeze(-1)
+    if not cfg.masked_grad:
+        lp_mask = lp_mask.detach()
+
+    def agg(x, m=mask):
+        if cfg.loss_agg_mode == "token-mean":
+            return (x * m).sum() / (GLOBAL_TOKENS if cfg.global_token_mean else m.sum())
+        if cfg.loss_agg_mode == "seq-mean-token-mean":
+            return ((x * m).sum(-1) / m.sum(-1)).mean()
+        return (x * m).sum(-1).mean()
+
+    r = torch.exp(torch.clamp(lp - old, -20, 20))
+    a = adv[:, None]
+    pg = torch.maximum(-a * r, -a * torch.clamp(r, 1 - cfg.eps_low, 1 + cfg.eps_high))
+    pg = torch.where(a < 0, torch.minimum(pg, -a * 3.0), pg)
+    factor = 1.0 if cfg.gamma_anneal == "none" else 1.0 + (cfg.gamma_end - 1.0) * PROGRESS
+    loss = agg(pg)
+    if cfg.gamma:
+        if cfg.kl_prc_estimator == "exact":
+            kl = (log_p.exp() * (log_p - log_q)).sum(-1)
+        else:
+            d = lp_mask - lp
+            if cfg.kl_prc_estimator == "k3_inverted":
+                d = -d
+            kl = {"k1": -d, "k2": 0.5 * d**2}.get(cfg.kl_prc_estimator, torch.exp(d) - d - 1)
+        kl = torch.clamp(kl, -10, 10)
+        if cfg.kl_prc_token_clip is not None:
+            kl = torch.clamp(kl, 0, cfg.kl_prc_token_clip)
+        keep = mask
+        if cfg.kl_prc_top_p is not None:
+            keep = torch.zeros_like(mask)
+            for i in range(B):
+                n = math.ceil(float(mask[i].sum()) * cfg.kl_prc_top_p)
+                scores = torch.where(mask[i] > 0, kl[i].detach(), torch.tensor(-1e9, dtype=kl.dtype))
+                keep[i, scores.topk(n).indices] = 1
+        loss = loss - cfg.gamma * factor * agg(kl, keep)
+    exact = cfg.entropy_estimator == "exact"
+    if cfg.eta1:
+        h = -(log_p.exp() * log_p).sum(-1) if exact else -lp
+        loss = loss + cfg.eta1 * factor * agg(h)
+    if cfg.eta2:
+        h = -(log_q.exp() * log_q).sum(-1) if exact else -lp_mask
+        loss = loss + cfg.eta2 * factor * agg(h)
+    if cfg.ref_kl_coef:
+        d = ref - lp
+        loss = loss + cfg.ref_kl_coef * agg(torch.clamp(torch.exp(d) - d - 1, -10, 10))
+    return loss
+
+
+def _ours(cfg, inputs, rank, world):
+    logits, masked, labels, mask, old, ref, adv = inputs
+    shard = V // world
+    local = logits[..., rank * shard : (rank + 1) * shard].clone().requires_grad_()
+    local_masked = masked[..., rank * shard : (rank + 1) * shard].clone().requires_grad_()
+    masked_lp = torch.log_softmax(masked / TEMPERATURE, -1).gather(-1, labels[..., None]).squeeze(-1)
+    loss, metrics = papo_loss(
+        cfg,
+        local,
+        labels,
+        mask,
+        adv,
+        old,
+        masked_logits=local_masked if cfg.masked_grad else None,
+        masked_log_probs=None if cfg.masked_grad else masked_lp,
+        ref_log_probs=ref,
+        temperature=TEMPERATURE,
+        progress=PROGRESS,
+        global_token_count=GLOBAL_TOKENS if cfg.global_token_mean else None,
+    )
+    loss.backward()
+    grad_masked = local_masked.grad if local_masked.grad is not None else torch.zeros_like(local_masked)
+    return float(loss), local.grad, grad_masked, {k: float(v) for k, v in metrics.items()}
+
+
+def _reference(cfg, dtype):
+    logits, masked, labels, mask, old, ref, adv = [
+        x.double() if x.is_floating_point() else x for x in _inputs(dtype)
+    ]
+    logits.requires_grad_()
+    masked.requires_grad_()
+    loss = _spec_loss(cfg, logits, masked, labels, mask, old, ref, adv)
+    loss.backward()
+    return float(loss), logits.grad, masked.grad if masked.grad is not None else torch.zeros_like(masked)
+
+
+def _all_configs(world):
+    from megatron.core import parallel_state as ps
+
+    rank = ps.get_tensor_model_parallel_rank()
+    return {
+        (name, dtype): _ours(AlgorithmConfig(**kw), _inputs(dtype), rank, world)
+        for name, kw in CONFIGS.items()
+        for dtype in (torch.float64, torch.float32)
+    }
+
+
+def _check(world, results):
+    shard = V // world
+    for rank, per_config in enumerate(results):
+        for (name, dtype), (loss, grad, grad_masked, _) in per_config.items():
+            ref_loss, ref_grad, ref_grad_masked = _reference(AlgorithmConfig(**CONFIGS[name]), dtype)
+            tol = dict(rtol=1e-6, atol=1e-9) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-5)
+            cols = slice(rank * shard, (rank + 1) * shard)
+            where = f"{name} {dtype} TP={world} rank {rank}"
+            torch.testing.assert_close(torch.tensor(loss), torch.tensor(ref_loss), **tol, msg=where)
+            torch.testing.assert_close(grad.double(), ref_grad[..., cols], **tol, msg=f"grad {where}")
+            torch.testing.assert_close(
+                grad_masked.double(), ref_grad_masked[..., cols], **tol, msg=f"masked grad {where}"
+            )
+
+
+def test_objective_single_process():
+    _check(1, [_all_configs_single()])
+
+
+def _all_configs_single():
+    return {
+        (name, dtype): _ours(AlgorithmConfig(**kw), _inputs(dtype), 0, 1)
+        for name, kw in CONFIGS.items()
+        for dtype in (torch.float64, torch.float32)
+    }
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_objective_tensor_parallel(world):
+    _check(world, run_distributed(_all_configs, world, world, tp=world))
+
+
+def test_reference_default_masked_entropy_is_inert_and_masked_grad_activates_it():
+    """Reference: lp_mask carries no gradient, so eta2 changes nothing; masked_grad gives it gradient."""
+    inputs = _inputs()
+    base = dict(name="papo_g", gamma=0.0, ref_kl_coef=0.0, eta1=0.0)
+    _, g0, gm0, _ = _ours(AlgorithmConfig(**base, eta2=0.0), inputs, 0, 1)
+    _, g1, gm1, _ = _ours(AlgorithmConfig(**base, eta2=0.5), inputs, 0, 1)
+    assert torch.equal(g0, g1) and float(gm1.abs().sum()) == 0
+    _, _, gm2, _ = _ours(AlgorithmConfig(**base, eta2=0.5, masked_grad=True), inputs, 0, 1)
+    assert float(gm2.abs().sum()) > 1e-3
+
+
+def test_papo_with_zero_coefficients_is_grpo_exactly():
+    inputs = _inputs()
+    grpo = _ours(AlgorithmConfig(name="grpo"), inputs, 0, 1)
+    papo = _ours(AlgorithmConfig(name="papo_g", gamma=0.0, eta1=0.0, eta2=0.0), inputs, 0, 1)
+    assert grpo[0] == papo[0] and torch.equal(grpo[1], papo[1])
+
+
+def test_metrics_report_clipping_and_kl():
+    _, _, _, metrics = _ours(AlgorithmConfig(name="papo_g"), _inputs(), 0, 1)
+    for key in (
+        "actor/pg_clipfrac",
+        "actor/pg_clipfrac_high",
+        "papo/kl_prc",
+        "papo/entropy",
+        "papo/masked_entropy",
+        "actor/ref_kl",
+        "actor/approx_kl",
+    ):
+        assert math.isfinite(metrics[key]), key
+    assert 0 < metrics["actor/pg_clipfrac"] < 1 and metrics["papo/kl_prc"] > 0
+
+
+def test_config_presets_and_errors():
+    assert AlgorithmConfig(name="papo_d").eps_high == 0.28 and AlgorithmConfig(name="papo_d").dynamic_sampling
+    assert AlgorithmConfig(name="papo_g", gamma=0.04).gamma == 0.04  # explicit values beat the preset
+    assert not AlgorithmConfig(name="dapo").uses_ref_kl and AlgorithmConfig(name="grpo").uses_ref_kl
+    with pytest.raises(ValueError, match="needs loss_agg_mode 'token-mean'"):
+        AlgorithmConfig(global_token_mean=True, loss_agg_mode="seq-mean-token-sum")
+    with pytest.raises(ValueError, match="set algorithm.masked_grad=true"):
+        AlgorithmConfig(kl_prc_estimator="exact")
+    with pytest.raises(ValueError, match="algorithm.gamma must be >= 0"):
+        AlgorithmConfig(gamma=-1.0)
+    with pytest.raises(ValueError, match="needs the masked image"):
+        logits, _, labels, mask, old, _, adv = _inputs()
+        papo_loss(AlgorithmConfig(name="papo_d"), logits, labels, mask, adv, old)
+
+
+def test_advantages():
+    scores = torch.tensor([1.0, 0.0, 0.0, 1.0, 0.5, 0.5, 0.5, 0.5])
+    adv = grpo_advantages(scores, 4)
+    group = scores[:4].double()
+    expected = (group - group.mean()) / (group.std() + 1e-6)
+    torch.testing.assert_close(adv[:4].double(), expected, rtol=1e-6, atol=1e-7)
+    assert torch.equal(adv[4:], torch.zeros(4))
+    torch.testing.assert_close(
+        grpo_advantages(scores, 4, scale_by_std=False)[:4], torch.tensor([0.5, -0.5, -0.5, 0.5])
+    )
+    keep = dynamic_sampling_keep(torch.tensor([1.0, 1, 1, 1, 0, 1, 0, 0, 0, 0, 0, 0]), 4)
+    assert keep.tolist() == [False, True, False]
+    torch.testing.assert_close(
+        overlong_penalty(torch.tensor([10, 16, 18, 20]), 20, 4, 1.0), torch.tensor([0.0, 0.0, -0.5, -1.0])
+    )
+    with pytest.raises(ValueError, match=r"expected \[groups \* 3\]"):
+        grpo_advantages(scores, 3)
