@@ -21,6 +21,15 @@ from megatron_papo.rollout.config import RolloutConfig
 from megatron_papo.rollout.engine import Rollout, RolloutRequest
 
 
+def module_name(file_name: str) -> str:
+    """A checkpoint-file tensor name -> the name in transformers' in-memory Qwen2.5-VL module."""
+    if file_name.startswith("visual."):
+        return "model." + file_name
+    if file_name.startswith("model.") and not file_name.startswith("model.language_model."):
+        return "model.language_model." + file_name[len("model.") :]
+    return file_name
+
+
 class EmbeddedEngine:
     """Generates with ``Qwen2_5_VLForConditionalGeneration`` built from the HF config at ``hf_path``."""
 
@@ -41,9 +50,11 @@ class EmbeddedEngine:
         self.device = torch.device(device)
 
     def sync_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Load (name, tensor) pairs named as in Qwen2.5-VL checkpoint files (``model.layers.*``, ``visual.*``)."""
         params = self.model.state_dict()
         seen = set()
-        for name, tensor in named_tensors:
+        for file_name, tensor in named_tensors:
+            name = module_name(file_name)
             if name not in params:
                 raise KeyError(f"weight sync: {name!r} is not a parameter of the rollout model")
             if params[name].shape != tensor.shape:

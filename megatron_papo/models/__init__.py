@@ -1,0 +1,27 @@
+"""The Qwen2.5-VL policy on megatron-core.
+
+- ``config``: ``ModelConfig`` (the ``model`` section) and the megatron ``TransformerConfig`` from HF.
+- ``attention``: PyTorch SDPA as megatron-core's core attention.
+- ``vision``: the tensor-parallel vision tower.
+- ``qwen25vl``: ``Qwen25VLModel`` (vision + ``GPTModel``) and ``build_model``.
+- ``rope_index``: multimodal RoPE positions (transformers' ``get_rope_index``).
+- ``weights``: HF <-> megatron shards (``load_hf_weights``, ``export_hf_state_dict``).
+- ``hf_directory``: writing a complete HF directory from a (sharded) model.
+- ``tiny``: tiny random Qwen2.5-VL models for tests and the CPU demo.
+"""
+
+from megatron_papo.models.config import ModelConfig
+from megatron_papo.models.hf_directory import save_hf_directory
+from megatron_papo.models.qwen25vl import Qwen25VLModel, build_model
+from megatron_papo.models.rope_index import mrope_position_ids
+from megatron_papo.models.weights import export_hf_state_dict, load_hf_weights
+
+__all__ = [
+    "ModelConfig",
+    "Qwen25VLModel",
+    "build_model",
+    "export_hf_state_dict",
+    "load_hf_weights",
+    "mrope_position_ids",
+    "save_hf_directory",
+]

@@ -1,0 +1,93 @@
+"""The ``model`` section and the megatron-core ``TransformerConfig`` built from an HF Qwen2.5-VL config."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state as ps
+from megatron.core.transformer import TransformerConfig
+from transformers import AutoConfig
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class ModelConfig:
+    """``hf_path``: an HF Qwen2.5-VL directory (config, weights, tokenizer, image processor).
+
+    ``attention``: ``auto`` (transformer-engine when importable, else PyTorch SDPA), ``sdpa``, ``local``
+    (megatron-core's unfused attention). ``recompute``: activation recomputation of whole layers.
+    """
+
+    hf_path: str = "runs/tiny-qwen25vl"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    attention: Literal["auto", "sdpa", "local", "te"] = "auto"
+    recompute: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.hf_path.strip():
+            raise ValueError("model.hf_path must name an HF Qwen2.5-VL directory")
+
+
+def load_hf_config(path: str):
+    """The HF config at ``path``; a clear error when it is missing or not Qwen2.5-VL."""
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise ValueError(
+            f"model.hf_path {path}: no config.json (make one with tools/make_tiny_model.py or "
+            "point to a downloaded Qwen2.5-VL directory)"
+        )
+    config = AutoConfig.from_pretrained(path)
+    if config.model_type != "qwen2_5_vl":
+        raise ValueError(f"{path} holds a {config.model_type!r} model; megatron-papo supports qwen2_5_vl")
+    return config
+
+
+def language_config(cfg: ModelConfig, hf_config) -> TransformerConfig:
+    """The LM decoder's megatron-core config at the current TP / PP sizes."""
+    text = hf_config.get_text_config()
+    tp = ps.get_tensor_model_parallel_world_size()
+    for what, count in (
+        ("attention heads", text.num_attention_heads),
+        ("KV heads", text.num_key_value_heads),
+        ("vocabulary entries", text.vocab_size),
+        ("vision heads", hf_config.vision_config.num_heads),
+    ):
+        if count % tp:
+            raise ValueError(f"tensor_model_parallel_size {tp} does not divide the model's {count} {what}")
+    pp = ps.get_pipeline_model_parallel_world_size()
+    if text.num_hidden_layers % pp:
+        raise ValueError(f"pipeline_model_parallel_size {pp} does not divide {text.num_hidden_layers} layers")
+    dtype = DTYPES[cfg.dtype]
+    rope = text.rope_parameters
+    config = TransformerConfig(
+        num_layers=text.num_hidden_layers,
+        hidden_size=text.hidden_size,
+        ffn_hidden_size=text.intermediate_size,
+        num_attention_heads=text.num_attention_heads,
+        num_query_groups=text.num_key_value_heads,
+        kv_channels=text.hidden_size // text.num_attention_heads,
+        normalization="RMSNorm",
+        layernorm_epsilon=text.rms_norm_eps,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=True,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        pipeline_dtype=dtype,
+        params_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        use_cpu_initialization=not torch.cuda.is_available(),
+        recompute_granularity="full" if cfg.recompute else None,
+        recompute_method="uniform" if cfg.recompute else None,
+        recompute_num_layers=1 if cfg.recompute else None,
+    )
+    config.mrope_section = list(rope["mrope_section"])
+    return config
