@@ -145,7 +145,6 @@ def _to_local(model, entry: Entry, full: list[torch.Tensor]) -> torch.Tensor:
 
 def _to_full(model, entry: Entry, shards: list[torch.Tensor]) -> list[torch.Tensor]:
     """This parameter's shards from every TP rank -> the full HF tensors."""
-    tp = len(shards)
     if entry.kind == "replicated":
         return [shards[0]]
     if entry.kind == "patch":

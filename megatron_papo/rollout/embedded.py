@@ -50,7 +50,7 @@ class EmbeddedEngine:
         self.device = torch.device(device)
 
     def sync_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Load (name, tensor) pairs named as in Qwen2.5-VL checkpoint files (``model.layers.*``, ``visual.*``)."""
+        """Load (name, tensor) pairs named as in checkpoint files (``model.layers.*``, ``visual.*``)."""
         params = self.model.state_dict()
         seen = set()
         for file_name, tensor in named_tensors:
@@ -80,6 +80,8 @@ class EmbeddedEngine:
             kwargs = dict(
                 pixel_values=req.pixel_values.to(self.device, self.model.dtype).repeat(n, 1),
                 image_grid_thw=req.image_grid_thw.to(self.device).repeat(n, 1),
+                # without token types transformers falls back to 1-D positions: the trainer uses M-RoPE
+                mm_token_type_ids=(input_ids == self.model.config.image_token_id).int(),
             )
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             torch.manual_seed(req.seed)

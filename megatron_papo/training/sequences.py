@@ -99,6 +99,15 @@ def build_sequences(
     )
 
 
+def padded_length(prompts: list[torch.Tensor], responses: list[torch.Tensor]) -> int:
+    """The longest prompt + response, rounded up to a multiple of 8 x TP (sequence-parallel splits it)."""
+    from megatron.core import parallel_state as ps
+
+    longest = max(len(p) + len(r) for p, r in zip(prompts, responses, strict=True))
+    multiple = 8 * ps.get_tensor_model_parallel_world_size()
+    return -(-longest // multiple) * multiple
+
+
 def _cat_images(images: list[torch.Tensor | None]) -> torch.Tensor | None:
     present = [x for x in images if x is not None]
     return torch.cat(present) if present else None
