@@ -48,6 +48,13 @@ class EmbeddedEngine:
         self.eos_token_id = eos_token_id
         self.pad_token_id = pad_token_id
         self.device = torch.device(device)
+        # a response must not contain image placeholders: the trainer would put image features there
+        self.vision_token_ids = [
+            config.image_token_id,
+            config.video_token_id,
+            config.vision_start_token_id,
+            config.vision_end_token_id,
+        ]
 
     def sync_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Load (name, tensor) pairs named as in checkpoint files (``model.layers.*``, ``visual.*``)."""
@@ -93,6 +100,7 @@ class EmbeddedEngine:
                 temperature=self.cfg.temperature,
                 top_p=self.cfg.top_p,
                 top_k=0,
+                suppress_tokens=self.vision_token_ids,
                 max_new_tokens=self.cfg.max_new_tokens,
                 eos_token_id=self.eos_token_id,
                 pad_token_id=self.pad_token_id,

@@ -1,0 +1,88 @@
+"""``megatron-papo``: train, eval, sft and plan; launched by ``torchrun`` or ``srun`` (a process per rank)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+
+def _add_run_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="YAML config file (see examples/configs/)")
+    parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. trainer.steps=3")
+
+
+def _train(args: argparse.Namespace) -> None:
+    from megatron_papo.config import load_train_config
+    from megatron_papo.trainer import Trainer
+
+    overrides = list(args.overrides) + (["checkpoint.resume=true"] if args.resume else [])
+    Trainer(load_train_config(args.config, overrides)).run()
+
+
+def _eval(args: argparse.Namespace) -> None:
+    import json
+    import os
+
+    import torch.distributed as dist
+
+    from megatron_papo.config import load_train_config
+    from megatron_papo.evaluate import evaluate
+    from megatron_papo.parallel import initialize_distributed
+    from megatron_papo.policy import Policy
+    from megatron_papo.training.checkpointing import CheckpointConfig, load_checkpoint
+
+    cfg = load_train_config(args.config, args.overrides)
+    initialize_distributed(cfg.parallel, seed=cfg.trainer.seed)
+    policy = Policy(cfg, total_optimizer_steps=None)
+    step = 0
+    if args.checkpoint:
+        common, _ = load_checkpoint(CheckpointConfig(dir=args.checkpoint), policy.model, None, None)
+        step = common["step"]
+    policy.sync_rollout_weights()
+    results = evaluate(cfg, policy, seed=cfg.trainer.seed) | {"step": step}
+    if dist.get_rank() == 0:
+        out = args.output or os.path.join(cfg.trainer.output_dir, f"eval_step{step}.json")
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        with open(out, "w", encoding="utf-8") as f:
+            json.dump(results, f, indent=1)
+        print(json.dumps(results, indent=1))
+        print(f"wrote {os.path.abspath(out)}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    parser = argparse.ArgumentParser(prog="megatron-papo", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="PAPO / GRPO / DAPO training")
+    _add_run_args(train)
+    train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    train.set_defaults(func=_train)
+
+    ev = sub.add_parser("eval", help="test accuracy with original and masked images")
+    _add_run_args(ev)
+    ev.add_argument("--checkpoint", help="a training checkpoint directory (default: the model's HF weights)")
+    ev.add_argument("--output", help="where to write the JSON results")
+    ev.set_defaults(func=_eval)
+
+    try:
+        from megatron_papo.planner import cli as planner_cli
+    except ImportError:
+        planner_cli = None
+    if planner_cli is not None:
+        planner_cli.add_parser(sub)
+
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except ValueError as e:  # configuration and data errors: one clear line, not a traceback
+        from megatron_papo.config_io import ConfigError
+
+        if isinstance(e, ConfigError):
+            sys.exit(f"megatron-papo: {e}")
+        raise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,89 @@
+"""The whole configuration of a run: one typed tree, loaded from YAML plus ``key.sub=value`` overrides.
+
+Each subsystem owns its section; this file composes them and checks what spans sections.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from megatron_papo.config_io import load_config
+from megatron_papo.data.config import DataConfig, MaskingConfig
+from megatron_papo.models.config import ModelConfig
+from megatron_papo.papo.config import AlgorithmConfig
+from megatron_papo.parallel import ParallelConfig
+from megatron_papo.rewards.config import RewardConfig
+from megatron_papo.rollout.config import RolloutConfig
+from megatron_papo.training.checkpointing import CheckpointConfig
+from megatron_papo.training.hacking import HackingDetectorConfig
+from megatron_papo.training.optimizer import OptimizerConfig
+
+
+@dataclass
+class TrainerConfig:
+    """The ``trainer`` section: the loop's sizes. Batch sizes count prompts over all data-parallel ranks.
+
+    Each step samples ``rollout_batch_size`` prompts x ``rollout.n`` responses, then takes
+    ``ppo_epochs * rollout_batch_size / update_batch_size`` optimizer steps on them (reference: 384 / 128,
+    3 optimizer steps), ``micro_batch_size`` sequences per forward/backward.
+    """
+
+    output_dir: str = "runs/papo"
+    seed: int = 1
+    steps: int = 200
+    rollout_batch_size: int = 384
+    update_batch_size: int = 128
+    micro_batch_size: int = 4
+    ppo_epochs: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "rollout_batch_size", "update_batch_size", "micro_batch_size", "ppo_epochs"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"trainer.{name} must be >= 1, got {getattr(self, name)}")
+        if self.rollout_batch_size % self.update_batch_size:
+            raise ValueError(
+                f"trainer.rollout_batch_size ({self.rollout_batch_size}) must be a multiple of "
+                f"trainer.update_batch_size ({self.update_batch_size})"
+            )
+
+
+@dataclass
+class EvalConfig:
+    """The ``eval`` section: accuracy on the test split with original and with masked images."""
+
+    interval: int = 0  # steps between evaluations during training; 0: none
+    max_prompts: int = 0  # 0: the whole test split
+    n: int = 1  # samples per prompt (avg@n)
+
+    def __post_init__(self) -> None:
+        if self.interval < 0 or self.max_prompts < 0 or self.n < 1:
+            raise ValueError("eval: need interval >= 0, max_prompts >= 0 and n >= 1")
+
+
+@dataclass
+class LoggingConfig:
+    """The ``logging`` section (metrics go to ``trainer.output_dir``)."""
+
+    tensorboard: bool = True
+    hacking_detector: HackingDetectorConfig = field(default_factory=HackingDetectorConfig)
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    masking: MaskingConfig = field(default_factory=MaskingConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+def load_train_config(path: str | None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+    """The run's config from ``path`` (YAML) and ``key.sub=value`` overrides; errors name file and key."""
+    return load_config(TrainConfig, path, overrides)

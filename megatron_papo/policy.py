@@ -1,0 +1,124 @@
+"""The policy being trained: its megatron-core model shards, optimizer, reference model and rollout engine."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from megatron.core import parallel_state as ps
+from megatron.core.distributed import (
+    DistributedDataParallel,
+    DistributedDataParallelConfig,
+    finalize_model_grads,
+)
+from transformers import AutoConfig
+
+from megatron_papo.config import TrainConfig
+from megatron_papo.models import build_model, export_hf_state_dict, load_hf_weights, mrope_position_ids
+from megatron_papo.ops.vocab_parallel import log_probs_and_entropy
+from megatron_papo.rollout.embedded import EmbeddedEngine
+from megatron_papo.rollout.engine import RolloutEngine
+from megatron_papo.training.optimizer import build_optimizer, distributed_optimizer_enabled
+from megatron_papo.training.schedule import Batch, LossFn, run_schedule
+
+
+def build_rollout_engine(cfg: TrainConfig, eos_token_id: int, pad_token_id: int) -> RolloutEngine:
+    """The configured rollout engine: in-process transformers (default) or vLLM servers."""
+    if cfg.rollout.backend == "vllm":
+        from megatron_papo.rollout.vllm import VllmEngine
+
+        return VllmEngine.from_config(cfg)
+    return EmbeddedEngine(cfg.model.hf_path, cfg.rollout, eos_token_id, pad_token_id)
+
+
+class Policy:
+    """This rank's shard of the policy (one model chunk per pipeline stage), wrapped in megatron DDP."""
+
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        total_optimizer_steps: int | None,
+        with_ref: bool = False,
+        with_engine: bool = True,
+    ) -> None:
+        """``total_optimizer_steps`` None: inference only (no DDP wrapper, no optimizer)."""
+        self.cfg = cfg
+        self.hf_config = AutoConfig.from_pretrained(cfg.model.hf_path)
+        model = self._build_loaded()
+        self.model: list[torch.nn.Module] = [model]
+        self.optimizer = self.scheduler = None
+        if total_optimizer_steps is not None:
+            ddp_config = DistributedDataParallelConfig(
+                use_distributed_optimizer=distributed_optimizer_enabled(cfg.optimizer),
+                grad_reduce_in_fp32=True,
+            )
+            self.model = [DistributedDataParallel(model.config, ddp_config, model)]
+            model.config.finalize_model_grads_func = finalize_model_grads
+            self.optimizer, self.scheduler = build_optimizer(cfg.optimizer, self.model, total_optimizer_steps)
+        self.module = model
+        self.ref_model: list[torch.nn.Module] = []
+        if with_ref:
+            ref = self._build_loaded().eval()
+            for p in ref.parameters():
+                p.requires_grad_(False)
+            self.ref_model = [ref]
+        text = self.hf_config.get_text_config()
+        self.eos_token_id = int(getattr(self.hf_config, "eos_token_id", None) or text.eos_token_id)
+        self.pad_token_id = int(getattr(text, "pad_token_id", None) or self.eos_token_id)
+        self.engine = build_rollout_engine(cfg, self.eos_token_id, self.pad_token_id) if with_engine else None
+
+    def _build_loaded(self) -> torch.nn.Module:
+        model = build_model(
+            self.cfg.model, pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage()
+        )
+        load_hf_weights(model, self.cfg.model.hf_path)
+        return model
+
+    def position_ids(
+        self, input_ids: torch.Tensor, image_grid_thw: torch.Tensor | None, attention_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """Multimodal RoPE positions [3, b, s] of ``input_ids`` [b, s], as transformers computes them."""
+        return mrope_position_ids(input_ids, image_grid_thw, attention_mask, self.hf_config)
+
+    def log_probs(self, logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-token (log-prob of ``labels``, entropy), both [b, s], at the rollout temperature.
+
+        logits: [b, s, vocab/tp] (vocab-parallel, never gathered); labels: [b, s].
+        """
+        b, s, v = logits.shape
+        lp, entropy = log_probs_and_entropy(
+            logits.reshape(b * s, v), labels.reshape(b * s), temperature=self.cfg.rollout.temperature
+        )
+        return lp.view(b, s), entropy.view(b, s)
+
+    def forward_only(self, batches: list[Batch], loss_fn: LossFn, ref: bool = False) -> list[dict]:
+        return run_schedule(self.ref_model if ref else self.model, batches, loss_fn, forward_only=True)
+
+    def train_step(self, batches: list[Batch], loss_fn: LossFn) -> dict[str, float]:
+        """One optimizer step over ``batches``; the averaged loss metrics (last stage), grad norm and LR."""
+        for chunk in self.model:
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        outputs = run_schedule(self.model, batches, loss_fn, forward_only=False)
+        ok, grad_norm, _ = self.optimizer.step()
+        self.scheduler.step(increment=1)
+        metrics = {
+            k: float(sum(float(o[k]) for o in outputs) / len(outputs))
+            for k in (outputs[0] if outputs else {})
+        }
+        metrics["actor/grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
+        metrics["actor/lr"] = float(self.optimizer.param_groups[0]["lr"])
+        metrics["actor/update_skipped"] = float(not ok)
+        return metrics
+
+    def export_hf(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """(HF name, full tensor) pairs of the current weights; a collective: every rank must iterate."""
+        return export_hf_state_dict(self.module)
+
+    def sync_rollout_weights(self) -> None:
+        weights = self.export_hf()
+        if self.engine is None:
+            for _ in weights:  # still take part in the gathers
+                pass
+            return
+        self.engine.sync_weights(weights)

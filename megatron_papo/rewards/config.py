@@ -1,0 +1,23 @@
+"""The ``reward`` section of the config."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class RewardConfig:
+    """``function``: a registered name (``papo_default``, ``accuracy_only``) or ``"module.path:function"`` /
+    ``"path/to/file.py:function"`` taking ``(response, answer, answer_type)`` and returning a
+    ``RewardOutput`` or a mapping with ``score``, ``accuracy`` and ``format``. ``format_weight`` w gives
+    ``papo_default``'s R = (1 - w) * accuracy + w * format (reference: 0.1).
+    """
+
+    function: str = "papo_default"
+    format_weight: float = 0.1
+
+    def __post_init__(self) -> None:
+        if not self.function.strip():
+            raise ValueError("reward.function must name a registered reward or 'module:function'")
+        if not 0.0 <= self.format_weight <= 1.0:
+            raise ValueError(f"reward.format_weight must be in [0, 1], got {self.format_weight}")

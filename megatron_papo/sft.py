@@ -1,0 +1,84 @@
+"""Supervised warm start: cross-entropy on the reference responses (``solution``) of the same shards.
+
+A random or small policy earns no reward, so RL cannot start from it; this trains it to answer in the
+reasoning + ``\\boxed{}`` format first. Same parallelism, checkpoints and metrics as ``train``; the end
+of the run writes an HF directory (``sft.export_dir``) that an RL config names as ``model.hf_path``.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+
+from megatron_papo.models import save_hf_directory
+from megatron_papo.policy import Policy
+from megatron_papo.training.loop import TrainingLoop
+from megatron_papo.training.sequences import (
+    StepSequences,
+    build_sequences,
+    micro_batch,
+    micro_batch_indices,
+    padded_length,
+)
+
+
+class SFTTrainer(TrainingLoop):
+    """``trainer.steps`` optimizer steps of ``trainer.update_batch_size`` prompts with their solutions."""
+
+    def build(self) -> None:
+        cfg = self.cfg
+        self.per_rank_prompts = self.per_rank(cfg.trainer.update_batch_size, 1, "update_batch_size")
+        self.policy = Policy(cfg, cfg.trainer.steps, with_engine=cfg.eval.interval > 0)
+
+    def _batch(self) -> StepSequences:
+        prompts = self.prompts.next_prompts(self.per_rank_prompts)
+        eos = torch.tensor([self.policy.eos_token_id])
+        responses = []
+        for p in prompts:
+            if not p.solution:
+                raise ValueError(f"sft: sample {p.key} of {p.shard} has no 'solution' to train on")
+            ids = self.prompts.tokenizer(p.solution, add_special_tokens=False, return_tensors="pt").input_ids[
+                0
+            ]
+            responses.append(torch.cat([ids, eos]))
+        inputs = [p.input_ids for p in prompts]
+        return build_sequences(
+            inputs,
+            responses,
+            [p.pixel_values for p in prompts],
+            [None] * len(prompts),
+            [p.image_grid_thw for p in prompts],
+            torch.zeros(len(prompts)),
+            pad_id=self.policy.pad_token_id,
+            length=padded_length(inputs, responses),
+            position_fn=self.policy.position_ids,
+        )
+
+    def train_step(self) -> dict[str, float]:
+        start = time.monotonic()
+        seqs = self._batch()
+        tokens = seqs.loss_mask.sum().reshape(1)
+        dist.all_reduce(tokens, group=ps.get_data_parallel_group())
+        order = torch.arange(len(seqs))
+        batches = [
+            micro_batch(seqs, idx) for idx in micro_batch_indices(order, self.cfg.trainer.micro_batch_size)
+        ]
+        scale = len(batches) * self.dp_size / float(tokens)  # exact token mean over the global batch
+
+        def loss_fn(batch, logits):
+            lp, _ = self.policy.log_probs(logits, batch["labels"])
+            nll = -(lp * batch["loss_mask"]).sum()
+            return nll * scale, {"sft/loss": nll.detach() / batch["loss_mask"].sum().clamp(min=1)}
+
+        metrics = self.policy.train_step(batches, loss_fn)
+        elapsed = time.monotonic() - start
+        return metrics | {"perf/step_s": elapsed, "perf/tokens_per_s": float(tokens) / elapsed}
+
+    def finish(self) -> None:
+        export_dir = os.path.join(self.out_dir, "hf")
+        save_hf_directory(self.policy.module, self.cfg.model.hf_path, export_dir)
+        self.log(f"SFT weights as an HF directory (an RL run's model.hf_path): {os.path.abspath(export_dir)}")

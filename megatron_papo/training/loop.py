@@ -1,0 +1,152 @@
+"""What every training loop shares (RL and SFT): bring-up, steps, metrics, evaluation and checkpoints.
+
+A subclass builds its ``policy`` (a ``Policy``) and implements ``train_step() -> metrics``; ``run()``
+does the rest: metrics averaged over ranks and written by rank 0, periodic evaluation, atomic
+checkpoints every ``checkpoint.save_interval`` steps and at the end, resume with ``checkpoint.resume``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch.distributed as dist
+import yaml
+from megatron.core import parallel_state as ps
+
+from megatron_papo.config import TrainConfig
+from megatron_papo.config_io import to_dict
+from megatron_papo.evaluate import evaluate
+from megatron_papo.parallel import initialize_distributed
+from megatron_papo.policy import Policy
+from megatron_papo.training.checkpointing import latest_step, load_checkpoint, save_checkpoint
+from megatron_papo.training.metrics import MetricsLogger
+from megatron_papo.training.prompts import PromptSource
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / max(len(values), 1)
+
+
+def average_over_ranks(metrics: dict[str, float]) -> dict[str, float]:
+    """Each key averaged over the ranks that report it (loss metrics exist on last pipeline stages only)."""
+    everyone: list[dict[str, float]] = [{} for _ in range(dist.get_world_size())]
+    dist.all_gather_object(everyone, metrics)
+    keys = {k for m in everyone for k in m}
+    return {k: _mean([m[k] for m in everyone if k in m]) for k in sorted(keys)}
+
+
+class TrainingLoop:
+    """Subclasses set ``self.policy`` in ``build()`` and implement ``train_step()``."""
+
+    policy: Policy
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        self.cfg = cfg
+        initialize_distributed(cfg.parallel, seed=cfg.trainer.seed)
+        self.dp_rank, self.dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+        self.out_dir = cfg.trainer.output_dir
+        self.prompts = PromptSource(
+            cfg.model.hf_path, cfg.data, cfg.masking, cfg.reward, self.out_dir, self.dp_rank, self.dp_size
+        )
+        self.step = 0
+        self.build()
+        if cfg.checkpoint.resume and latest_step(cfg.checkpoint.dir) is not None:
+            self._resume()
+        if self.policy.engine is not None:
+            self.policy.sync_rollout_weights()
+        self.metrics: MetricsLogger | None = None
+        if dist.get_rank() == 0:
+            self.metrics = MetricsLogger(self.out_dir, cfg.trainer.steps, self.step, cfg.logging.tensorboard)
+            with open(os.path.join(self.out_dir, "config.yaml"), "w", encoding="utf-8") as f:
+                yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
+
+    def per_rank(self, prompts: int, sequences_per_prompt: int, name: str) -> int:
+        """``prompts`` (global) per DP rank; they must fill whole micro-batches."""
+        mbs = self.cfg.trainer.micro_batch_size
+        if prompts % self.dp_size or (prompts // self.dp_size * sequences_per_prompt) % mbs:
+            raise ValueError(
+                f"trainer.{name}={prompts} prompts x {sequences_per_prompt} sequences each must "
+                f"split evenly over {self.dp_size} data-parallel ranks into micro-batches of {mbs}"
+            )
+        return prompts // self.dp_size
+
+    def build(self) -> None:
+        raise NotImplementedError
+
+    def train_step(self) -> dict[str, float]:
+        raise NotImplementedError
+
+    def after_step(self, metrics: dict[str, float]) -> bool:
+        """Look at the step's averaged metrics (may add to them); True stops the run."""
+        return False
+
+    def extra_state(self) -> dict[str, Any]:
+        return {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        pass
+
+    def run(self) -> None:
+        cfg = self.cfg
+        self.log(
+            f"{type(self).__name__}: {cfg.trainer.steps} steps; metrics and checkpoints under "
+            f"{os.path.abspath(self.out_dir)}"
+        )
+        stop = False
+        while self.step < cfg.trainer.steps and not stop:
+            self.step += 1
+            metrics = self.train_step()
+            last = self.step == cfg.trainer.steps
+            if cfg.eval.interval and (self.step % cfg.eval.interval == 0 or last):
+                metrics |= evaluate(cfg, self.policy, seed=cfg.trainer.seed)
+            metrics = average_over_ranks(metrics)
+            stop = self.after_step(metrics)
+            if self.metrics is not None:
+                self.metrics.log(self.step, metrics)
+            interval = cfg.checkpoint.save_interval
+            if (interval and self.step % interval == 0) or last or stop:
+                self.save()
+        self.finish()
+        if self.metrics is not None:
+            self.metrics.message(
+                f"done: metrics {self.metrics.jsonl_path}, TensorBoard {self.metrics.tb_dir}, "
+                f"checkpoints {os.path.abspath(cfg.checkpoint.dir)}"
+            )
+            self.metrics.close()
+
+    def finish(self) -> None:
+        """Called once after the last step (all ranks)."""
+
+    def log(self, text: str) -> None:
+        if dist.get_rank() == 0:
+            print(text, flush=True)
+
+    def save(self) -> None:
+        states: list[dict] = [{} for _ in range(self.dp_size)]
+        dist.all_gather_object(states, self.prompts.state_dict(), group=ps.get_data_parallel_group())
+        path = save_checkpoint(
+            self.cfg.checkpoint,
+            self.step,
+            self.policy.model,
+            self.policy.optimizer,
+            self.policy.scheduler,
+            data_state={"loaders": states},
+            common=self.extra_state(),
+        )
+        self.log(f"saved checkpoint {os.path.abspath(path)}")
+
+    def _resume(self) -> None:
+        common, data_state = load_checkpoint(
+            self.cfg.checkpoint, self.policy.model, self.policy.optimizer, self.policy.scheduler
+        )
+        loaders = data_state["loaders"]
+        if len(loaders) != self.dp_size:
+            raise ValueError(
+                f"checkpoint in {self.cfg.checkpoint.dir} was saved with {len(loaders)} data-parallel "
+                f"ranks, this run has {self.dp_size}: the data order cannot be resumed"
+            )
+        self.prompts.load_state_dict(loaders[self.dp_rank])
+        self.load_extra_state(common)
+        self.step = common["step"]
+        self.log(f"resumed from step {self.step} of {os.path.abspath(self.cfg.checkpoint.dir)}")
