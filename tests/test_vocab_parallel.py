@@ -8,11 +8,13 @@ from megatron_papo.ops.vocab_parallel import full_kl, kl_estimate, log_probs_and
 
 T, V = 45, 64
 TEMPERATURES = (1.0, 0.6)
+CHUNKS = (7, None)  # several chunks per call, and the default (one chunk)
+DTYPES = (torch.float64, torch.float32)
 
 
-def _case(seed: int, dtype: torch.dtype):
+def _case(dtype: torch.dtype):
     """Random logits with extremes: large magnitudes, -inf entries (a fully masked shard too), ties."""
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator().manual_seed(0)
     p = torch.randn(T, V, generator=g, dtype=torch.float64) * 4
     q = torch.randn(T, V, generator=g, dtype=torch.float64) * 4
     p[1] *= 100  # large magnitudes
@@ -43,61 +45,95 @@ def _reference(p, q, targets, weights, temperature):
     return [t.detach() for t in (lp, entropy, kl, p.grad, q.grad)]
 
 
-def _ours(p, q, targets, weights, temperature, rank, world, chunk):
-    shard = V // world
-    cols = slice(rank * shard, (rank + 1) * shard)
+def _ours(dtype, temperature, chunk, rank=0, world=1, group=None):
+    p, q, targets, weights = _case(dtype)
+    cols = slice(rank * V // world, (rank + 1) * V // world)
     p_local = p[:, cols].clone().requires_grad_()
     q_local = q[:, cols].clone().requires_grad_()
-    lp, entropy = log_probs_and_entropy(p_local, targets, temperature, chunk_size=chunk)
-    kl = full_kl(p_local, q_local, temperature, chunk_size=chunk)
+    lp, entropy = log_probs_and_entropy(p_local, targets, temperature, chunk, group)
+    kl = full_kl(p_local, q_local, temperature, chunk, group)
     (weights[0] * lp + weights[1] * entropy + weights[2] * kl).sum().backward()
     return [t.detach() for t in (lp, entropy, kl, p_local.grad, q_local.grad)]
 
 
-def _compare_all(world: int):
-    from megatron.core import parallel_state as ps
-
-    rank = ps.get_tensor_model_parallel_rank()
-    results = []
-    for dtype in (torch.float64, torch.float32):
-        for temperature in TEMPERATURES:
-            for chunk in (7, 4096):
-                case = _case(0, dtype)
-                results.append((dtype, temperature, rank, _ours(*case, temperature, rank, world, chunk)))
-    return results
+def _all_cases(rank=0, world=1, group=None):
+    return {
+        (dtype, temperature, chunk): _ours(dtype, temperature, chunk, rank, world, group)
+        for dtype in DTYPES
+        for temperature in TEMPERATURES
+        for chunk in CHUNKS
+    }
 
 
-def _check(world: int, per_rank):
-    shard = V // world
-    for rank_results in per_rank:
-        for dtype, temperature, rank, ours in rank_results:
-            ref = _reference(*_case(0, dtype), temperature)
-            ref[3], ref[4] = (
-                ref[3][:, rank * shard : (rank + 1) * shard],
-                ref[4][:, rank * shard : (rank + 1) * shard],
-            )
-            tol = dict(rtol=1e-6, atol=1e-9) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-4)
-            for name, a, b in zip(("lp", "entropy", "kl", "grad_p", "grad_q"), ours, ref, strict=True):
-                torch.testing.assert_close(a.double(), b, **tol, msg=lambda m, n=name: f"{n} TP={world}: {m}")
+def _check(world: int, rank: int, results) -> None:
+    cols = slice(rank * V // world, (rank + 1) * V // world)
+    for (dtype, temperature, chunk), ours in results.items():
+        ref = _reference(*_case(dtype), temperature)
+        ref[3], ref[4] = ref[3][:, cols], ref[4][:, cols]
+        tol = dict(rtol=1e-6, atol=1e-9) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-4)
+        where = f"TP={world} rank {rank} {dtype} T={temperature} chunk={chunk}"
+        for name, a, b in zip(("lp", "entropy", "kl", "grad_p", "grad_q"), ours, ref, strict=True):
+            torch.testing.assert_close(a.double(), b, **tol, msg=lambda m, n=name, w=where: f"{n} {w}: {m}")
+
+
+def _error(fn) -> str:
+    try:
+        fn()
+    except ValueError as e:
+        return str(e)
+    return "no error"
+
+
+def _bad_inputs(rank: int, group) -> dict[str, str]:
+    """Bad input on ONE rank of a TP=2 group: every rank must raise the same error (no hang)."""
+    logits, targets = torch.randn(6, V // 2, dtype=torch.float64), torch.arange(6)
+    nan = logits.clone()
+    if rank == 1:
+        nan[5, 3] = float("nan")
+    masked = logits.clone()
+    masked[2] = -float("inf")
+    uneven = torch.randn(6, V // 2 + (1 if rank == 0 else -1))
+    posinf = logits.clone()
+    if rank == 0:
+        posinf[4, 0] = float("inf")
+    return {
+        "nan": _error(lambda: log_probs_and_entropy(nan, targets, group=group)),
+        "masked": _error(lambda: log_probs_and_entropy(masked, targets, group=group)),
+        "uneven": _error(lambda: log_probs_and_entropy(uneven, targets, group=group)),
+        "posinf_q": _error(lambda: full_kl(logits, posinf, group=group)),
+        "target": _error(
+            lambda: log_probs_and_entropy(logits, torch.tensor([0, 1, 2, 3, 4, V]), group=group)
+        ),
+    }
+
+
+def _distributed():
+    """World of 4: TP=4 (megatron-core's group) and TP=2 (two groups of 2), then bad inputs at TP=2."""
+    import torch.distributed as dist
+
+    rank = dist.get_rank()
+    pairs = [dist.new_group([0, 1]), dist.new_group([2, 3])]  # every rank creates every group
+    out = {}
+    for world, group in ((4, None), (2, pairs[rank // 2])):
+        tp_rank = rank % world
+        out[world] = (tp_rank, _all_cases(tp_rank, world, group))
+    return out, _bad_inputs(rank % 2, pairs[rank // 2])
 
 
 def test_single_process_matches_reference():
-    _check(
-        1,
-        [
-            [
-                (d, t, 0, _ours(*_case(0, d), t, 0, 1, c))
-                for d in (torch.float64, torch.float32)
-                for t in TEMPERATURES
-                for c in (7, 4096)
-            ]
-        ],
-    )
+    _check(1, 0, _all_cases())
 
 
-@pytest.mark.parametrize("world", [2, 4])
-def test_tensor_parallel_matches_reference(world):
-    _check(world, run_distributed(_compare_all, world, world, tp=world))
+def test_tensor_parallel_matches_reference_and_refuses_bad_input():
+    per_rank = run_distributed(_distributed, 4, tp=4)
+    for results, errors in per_rank:
+        for world, (tp_rank, cases) in results.items():
+            _check(world, tp_rank, cases)
+        assert "logits holds NaN or +inf" in errors["nan"] and "token(s) [5]" in errors["nan"], errors
+        assert "-inf only at token(s) [2]" in errors["masked"], errors
+        assert "vocab shards differ across the TP group (31 to 33 columns)" in errors["uneven"], errors
+        assert "q_logits holds NaN or +inf" in errors["posinf_q"], errors
+        assert f"token ids must be in [0, {V})" in errors["target"], errors
 
 
 def test_sample_estimators():
@@ -108,26 +144,40 @@ def test_sample_estimators():
     torch.testing.assert_close(kl_estimate(log_p, log_q, "k2"), 0.5 * (log_p - log_q) ** 2)
     torch.testing.assert_close(kl_estimate(log_p, log_q, "k3"), x.exp() - x - 1)
     assert kl_estimate(log_p, log_q, "k3")[2] == 0 and (kl_estimate(log_p, log_q, "k3") >= 0).all()
-    # k3 is unbiased for KL(p || q) when tokens are drawn from p
+    # k1 and k3 are unbiased for KL(p || q) when tokens are drawn from p
     g = torch.Generator().manual_seed(0)
     p, q = (
         torch.softmax(torch.randn(6, generator=g, dtype=torch.float64), 0),
         torch.softmax(torch.randn(6, generator=g, dtype=torch.float64), 0),
     )
     draws = torch.multinomial(p, 200_000, replacement=True, generator=g)
-    estimate = kl_estimate(p.log()[draws], q.log()[draws], "k3").mean()
-    assert abs(float(estimate) - float((p * (p / q).log()).sum())) < 5e-3
+    exact = float((p * (p / q).log()).sum())
+    for kind in ("k1", "k3"):
+        assert abs(float(kl_estimate(p.log()[draws], q.log()[draws], kind).mean()) - exact) < 1e-2, kind
     with pytest.raises(ValueError, match="unknown KL estimator 'k4'"):
         kl_estimate(log_p, log_q, "k4")
+    with pytest.raises(ValueError, match="differ in shape"):
+        kl_estimate(log_p, log_q[:2], "k3")
+
+
+def test_kl_is_inf_where_q_masks_mass_of_p_and_its_gradient_is_zero():
+    p = torch.zeros(2, 4, dtype=torch.float64, requires_grad=True)
+    q = torch.tensor([[0.0, 0.0, 0.0, -float("inf")], [1.0, 0.0, 0.0, 0.0]], dtype=torch.float64)
+    q.requires_grad_()
+    kl = full_kl(p, q)
+    assert kl[0] == float("inf") and torch.isfinite(kl[1])
+    kl.clamp(max=10).sum().backward()
+    assert torch.isfinite(p.grad).all() and torch.isfinite(q.grad).all()
+    assert p.grad[0].abs().sum() == 0 and p.grad[1].abs().sum() > 0
 
 
 def test_bad_input_is_refused():
     logits = torch.randn(4, 8)
     with pytest.raises(ValueError, match=r"token ids must be in \[0, 8\)"):
         log_probs_and_entropy(logits, torch.tensor([0, 1, 2, 8]))
-    with pytest.raises(ValueError, match="NaN or \\+inf"):
+    with pytest.raises(ValueError, match=r"logits holds NaN or \+inf .* at token\(s\) \[0\]"):
         log_probs_and_entropy(torch.tensor([[0.0, float("nan")]]), torch.tensor([0]))
-    with pytest.raises(ValueError, match="NaN or \\+inf"):
+    with pytest.raises(ValueError, match=r"p_logits holds NaN or \+inf"):
         full_kl(torch.tensor([[0.0, float("inf")]]), torch.zeros(1, 2))
     with pytest.raises(ValueError, match="differ in shape"):
         full_kl(logits, torch.randn(4, 9))
@@ -137,3 +187,5 @@ def test_bad_input_is_refused():
         log_probs_and_entropy(torch.randn(2, 4, 8), torch.zeros(2, dtype=torch.long))
     with pytest.raises(ValueError, match="temperature must be > 0"):
         log_probs_and_entropy(logits, torch.zeros(4, dtype=torch.long), temperature=0.0)
+    with pytest.raises(ValueError, match="chunk_size must be >= 1"):
+        full_kl(logits, logits, chunk_size=0)
