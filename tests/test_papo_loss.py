@@ -6,7 +6,6 @@ import pytest
 import torch
 from multiprocess import run_distributed
 
-from megatron_papo.papo.advantages import dynamic_sampling_keep, grpo_advantages, overlong_penalty
 from megatron_papo.papo.config import AlgorithmConfig
 from megatron_papo.papo.loss import papo_loss
 
@@ -122,7 +121,7 @@ def _ours(cfg, inputs, rank, world):
     shard = V // world
     local = logits[..., rank * shard : (rank + 1) * shard].clone().requires_grad_()
     local_masked = masked[..., rank * shard : (rank + 1) * shard].clone().requires_grad_()
-    masked_lp = torch.log_softmax(masked / TEMPERATURE, -1).gather(-1, labels[..., None]).squeeze(-1)
+    masked_lp = torch.log_softmax(masked / TEMPERATURE, -1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]
     loss, metrics = papo_loss(
         cfg,
         local,
@@ -153,10 +152,7 @@ def _reference(cfg, dtype):
     return float(loss), logits.grad, masked.grad if masked.grad is not None else torch.zeros_like(masked)
 
 
-def _all_configs(world):
-    from megatron.core import parallel_state as ps
-
-    rank = ps.get_tensor_model_parallel_rank()
+def _all_configs(rank: int = 0, world: int = 1):
     return {
         (name, dtype): _ours(AlgorithmConfig(**kw), _inputs(dtype), rank, world)
         for name, kw in CONFIGS.items()
@@ -164,36 +160,41 @@ def _all_configs(world):
     }
 
 
-def _check(world, results):
-    shard = V // world
-    for rank, per_config in enumerate(results):
-        for (name, dtype), (loss, grad, grad_masked, _) in per_config.items():
-            ref_loss, ref_grad, ref_grad_masked = _reference(AlgorithmConfig(**CONFIGS[name]), dtype)
-            tol = dict(rtol=1e-6, atol=1e-9) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-5)
-            cols = slice(rank * shard, (rank + 1) * shard)
-            where = f"{name} {dtype} TP={world} rank {rank}"
-            torch.testing.assert_close(torch.tensor(loss), torch.tensor(ref_loss), **tol, msg=where)
-            torch.testing.assert_close(grad.double(), ref_grad[..., cols], **tol, msg=f"grad {where}")
-            torch.testing.assert_close(
-                grad_masked.double(), ref_grad_masked[..., cols], **tol, msg=f"masked grad {where}"
-            )
+def _check(world, rank, per_config):
+    cols = slice(rank * V // world, (rank + 1) * V // world)
+    for (name, dtype), (loss, grad, grad_masked, _) in per_config.items():
+        ref_loss, ref_grad, ref_grad_masked = _reference(AlgorithmConfig(**CONFIGS[name]), dtype)
+        tol = dict(rtol=1e-6, atol=1e-9) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-5)
+        where = f"{name} {dtype} TP={world} rank {rank}"
+        torch.testing.assert_close(torch.tensor(loss), torch.tensor(ref_loss), **tol, msg=where)
+        torch.testing.assert_close(grad.double(), ref_grad[..., cols], **tol, msg=f"grad {where}")
+        torch.testing.assert_close(
+            grad_masked.double(), ref_grad_masked[..., cols], **tol, msg=f"masked grad {where}"
+        )
+
+
+def _distributed():
+    """World of 4: megatron-core's TP group at TP=4, then re-laid out at TP=2 (x DP=2)."""
+    from megatron.core import parallel_state as ps
+
+    out = {}
+    for world in (4, 2):
+        if ps.get_tensor_model_parallel_world_size() != world:
+            ps.destroy_model_parallel()
+            ps.initialize_model_parallel(tensor_model_parallel_size=world)
+        rank = ps.get_tensor_model_parallel_rank()
+        out[world] = (rank, _all_configs(rank, world))
+    return out
 
 
 def test_objective_single_process():
-    _check(1, [_all_configs_single()])
+    _check(1, 0, _all_configs())
 
 
-def _all_configs_single():
-    return {
-        (name, dtype): _ours(AlgorithmConfig(**kw), _inputs(dtype), 0, 1)
-        for name, kw in CONFIGS.items()
-        for dtype in (torch.float64, torch.float32)
-    }
-
-
-@pytest.mark.parametrize("world", [2, 4])
-def test_objective_tensor_parallel(world):
-    _check(world, run_distributed(_all_configs, world, world, tp=world))
+def test_objective_tensor_parallel():
+    for per_rank in run_distributed(_distributed, 4, tp=4):
+        for world, (rank, per_config) in per_rank.items():
+            _check(world, rank, per_config)
 
 
 def test_reference_default_masked_entropy_is_inert_and_masked_grad_activates_it():
@@ -207,11 +208,85 @@ def test_reference_default_masked_entropy_is_inert_and_masked_grad_activates_it(
     assert float(gm2.abs().sum()) > 1e-3
 
 
-def test_papo_with_zero_coefficients_is_grpo_exactly():
+@pytest.mark.parametrize(
+    "plain, papo",
+    [
+        (dict(name="grpo"), dict(name="papo_g")),
+        (dict(name="grpo", ref_kl_coef=0.0), dict(name="papo_g", ref_kl_coef=0.0, masked_grad=True)),
+        (dict(name="dapo"), dict(name="papo_d", masked_grad=True, kl_prc_estimator="exact")),
+    ],
+)
+def test_papo_with_zero_coefficients_is_grpo_exactly(plain, papo):
     inputs = _inputs()
-    grpo = _ours(AlgorithmConfig(name="grpo"), inputs, 0, 1)
-    papo = _ours(AlgorithmConfig(name="papo_g", gamma=0.0, eta1=0.0, eta2=0.0), inputs, 0, 1)
-    assert grpo[0] == papo[0] and torch.equal(grpo[1], papo[1])
+    zero = dict(gamma=0.0, eta1=0.0, eta2=0.0)
+    loss, grad, grad_masked, _ = _ours(AlgorithmConfig(**plain), inputs, 0, 1)
+    papo_loss_, papo_grad, papo_grad_masked, _ = _ours(AlgorithmConfig(**papo, **zero), inputs, 0, 1)
+    assert loss == papo_loss_ and torch.equal(grad, papo_grad)
+    assert float(grad_masked.abs().sum()) == 0 and float(papo_grad_masked.abs().sum()) == 0
+
+
+def test_padding_values_are_ignored():
+    """Whatever padding holds (NaN log-probs, -100 labels), the loss and gradients are unchanged."""
+    cfg = AlgorithmConfig(name="papo_g")
+    clean = _ours(cfg, _inputs(), 0, 1)
+    logits, masked, labels, mask, old, ref, adv = _inputs()
+    pad = mask == 0
+    dirty = _ours(
+        cfg,
+        [
+            logits,
+            masked,
+            labels.masked_fill(pad, -100),
+            mask,
+            old.masked_fill(pad, torch.nan),
+            ref.masked_fill(pad, 1e4),
+            adv,
+        ],
+        0,
+        1,
+    )
+    assert clean[0] == dirty[0] and torch.equal(clean[1], dirty[1])
+
+
+def test_bad_input_is_refused():
+    logits, masked, labels, mask, old, ref, adv = _inputs()
+    cfg = AlgorithmConfig(name="grpo")
+    with pytest.raises(ValueError, match=r"labels, loss_mask and old_log_probs must be \[3, 7\]"):
+        papo_loss(cfg, logits, labels[:, :-1], mask, adv, old, ref_log_probs=ref)
+    with pytest.raises(ValueError, match=r"advantages must be \[3\]"):
+        papo_loss(cfg, logits, labels, mask, adv[:2], old, ref_log_probs=ref)
+    with pytest.raises(
+        ValueError, match=r"old_log_probs is not finite on response tokens, at indices \[\[0, 2\]\]"
+    ):
+        papo_loss(
+            cfg,
+            logits,
+            labels,
+            mask,
+            adv,
+            old.index_put((torch.tensor(0), torch.tensor(2)), torch.tensor(torch.nan, dtype=old.dtype)),
+            ref_log_probs=ref,
+        )
+    with pytest.raises(ValueError, match="advantages must be finite"):
+        papo_loss(cfg, logits, labels, mask, adv * torch.inf, old, ref_log_probs=ref)
+    with pytest.raises(ValueError, match=r"needs ref_log_probs \[3, 7\]"):
+        papo_loss(cfg, logits, labels, mask, adv, old)
+    with pytest.raises(ValueError, match=r"masked_logits \(3, 7, 31\) must match logits"):
+        papo_loss(
+            AlgorithmConfig(name="papo_d", masked_grad=True),
+            logits,
+            labels,
+            mask,
+            adv,
+            old,
+            masked_logits=masked[..., 1:],
+        )
+    with pytest.raises(ValueError, match=r"token ids must be in \[0, 32\)"):
+        papo_loss(cfg, logits, labels.masked_fill(mask > 0, V), mask, adv, old, ref_log_probs=ref)
+    with pytest.raises(ValueError, match="logits holds NaN"):
+        papo_loss(cfg, logits * torch.nan, labels, mask, adv, old, ref_log_probs=ref)
+    with pytest.raises(ValueError, match="needs the masked image"):
+        papo_loss(AlgorithmConfig(name="papo_d"), logits, labels, mask, adv, old)
 
 
 def test_metrics_report_clipping_and_kl():
@@ -239,25 +314,3 @@ def test_config_presets_and_errors():
         AlgorithmConfig(kl_prc_estimator="exact")
     with pytest.raises(ValueError, match="algorithm.gamma must be >= 0"):
         AlgorithmConfig(gamma=-1.0)
-    with pytest.raises(ValueError, match="needs the masked image"):
-        logits, _, labels, mask, old, _, adv = _inputs()
-        papo_loss(AlgorithmConfig(name="papo_d"), logits, labels, mask, adv, old)
-
-
-def test_advantages():
-    scores = torch.tensor([1.0, 0.0, 0.0, 1.0, 0.5, 0.5, 0.5, 0.5])
-    adv = grpo_advantages(scores, 4)
-    group = scores[:4].double()
-    expected = (group - group.mean()) / (group.std() + 1e-6)
-    torch.testing.assert_close(adv[:4].double(), expected, rtol=1e-6, atol=1e-7)
-    assert torch.equal(adv[4:], torch.zeros(4))
-    torch.testing.assert_close(
-        grpo_advantages(scores, 4, scale_by_std=False)[:4], torch.tensor([0.5, -0.5, -0.5, 0.5])
-    )
-    keep = dynamic_sampling_keep(torch.tensor([1.0, 1, 1, 1, 0, 1, 0, 0, 0, 0, 0, 0]), 4)
-    assert keep.tolist() == [False, True, False]
-    torch.testing.assert_close(
-        overlong_penalty(torch.tensor([10, 16, 18, 20]), 20, 4, 1.0), torch.tensor([0.0, 0.0, -0.5, -1.0])
-    )
-    with pytest.raises(ValueError, match=r"expected \[groups \* 3\]"):
-        grpo_advantages(scores, 3)

@@ -154,6 +154,15 @@ def test_sample_estimators():
     exact = float((p * (p / q).log()).sum())
     for kind in ("k1", "k3"):
         assert abs(float(kl_estimate(p.log()[draws], q.log()[draws], kind).mean()) - exact) < 1e-2, kind
+    # clamped: the values of the clamped estimate, and finite gradients even where exp(x) overflows
+    log_q = torch.tensor([-1.5, -1.0, -0.5, 200.0, -200.0], requires_grad=True)
+    log_p = torch.tensor([-1.0, -2.0, -0.5, 0.0, 0.0])
+    for kind in ("k1", "k2", "k3"):
+        clamped = kl_estimate(log_p, log_q, kind, clamp=10.0)
+        plain = kl_estimate(log_p.double(), log_q.double(), kind).clamp(-10, 10)
+        torch.testing.assert_close(clamped.double(), plain)
+        (grad,) = torch.autograd.grad(clamped.sum(), log_q)
+        assert torch.isfinite(grad).all() and (grad[3:] == 0).all() and (grad[:2] != 0).all(), kind
     with pytest.raises(ValueError, match="unknown KL estimator 'k4'"):
         kl_estimate(log_p, log_q, "k4")
     with pytest.raises(ValueError, match="differ in shape"):

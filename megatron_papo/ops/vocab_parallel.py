@@ -289,19 +289,28 @@ def full_kl(
 KLEstimator = Literal["k1", "k2", "k3"]
 
 
-def kl_estimate(log_p: torch.Tensor, log_q: torch.Tensor, kind: KLEstimator) -> torch.Tensor:
+def kl_estimate(
+    log_p: torch.Tensor, log_q: torch.Tensor, kind: KLEstimator, clamp: float | None = None
+) -> torch.Tensor:
     """Per-token sample estimate of ``KL(p || q)`` from log-probs of the sampled tokens (drawn from p).
 
     With ``x = log_q - log_p``: k1 = -x, k2 = x^2 / 2 ("mse"), k3 = exp(x) - x - 1 ("low_var_kl").
+    ``clamp``: clamp the estimate to ``[-clamp, clamp]`` (the reference clamps k3 to 10). ``x`` is first
+    clamped to ``+-(clamp + 1)``, where every estimator is already saturated: the values and gradients are
+    those of the clamped estimate, but ``exp(x)`` cannot overflow (its gradient would be ``0 * inf``).
     Shapes: any, equal for both; the result has the same shape.
     """
     if log_p.shape != log_q.shape:
         raise ValueError(f"log_p {tuple(log_p.shape)} and log_q {tuple(log_q.shape)} differ in shape")
+    if kind not in ("k1", "k2", "k3"):
+        raise ValueError(f"unknown KL estimator {kind!r}; choose k1, k2 or k3")
     x = log_q - log_p
+    if clamp is not None:
+        x = x.clamp(-(clamp + 1), clamp + 1)
     if kind == "k1":
-        return -x
-    if kind == "k2":
-        return 0.5 * x * x
-    if kind == "k3":
-        return torch.exp(x) - x - 1
-    raise ValueError(f"unknown KL estimator {kind!r}; choose k1, k2 or k3")
+        kl = -x
+    elif kind == "k2":
+        kl = 0.5 * x * x
+    else:
+        kl = torch.exp(x) - x - 1
+    return kl.clamp(-clamp, clamp) if clamp is not None else kl

@@ -8,10 +8,15 @@ from __future__ import annotations
 import torch
 
 
-def _groups(values: torch.Tensor, group_size: int) -> torch.Tensor:
+def _groups(name: str, values: torch.Tensor, group_size: int) -> torch.Tensor:
+    """[groups * n] -> [groups, n] float64, refusing a ragged layout and non-finite values."""
     if values.dim() != 1 or group_size < 1 or len(values) % group_size:
-        raise ValueError(f"expected [groups * {group_size}] values, got shape {tuple(values.shape)}")
-    return values.view(-1, group_size)
+        raise ValueError(f"{name}: expected [groups * {group_size}] values, got shape {tuple(values.shape)}")
+    groups = values.double().view(-1, group_size)
+    bad = ~torch.isfinite(groups).all(dim=1)
+    if bad.any():
+        raise ValueError(f"{name}: non-finite values in group(s) {bad.nonzero().flatten()[:8].tolist()}")
+    return groups
 
 
 def grpo_advantages(
@@ -21,7 +26,7 @@ def grpo_advantages(
 
     scores: [groups * n] -> advantages [groups * n] (float32). A group of one response gets 0.
     """
-    s = _groups(scores.double(), group_size)
+    s = _groups("scores", scores, group_size)
     centred = s - s.mean(dim=1, keepdim=True)
     if scale_by_std and group_size > 1:
         centred = centred / (s.std(dim=1, keepdim=True) + eps)
@@ -32,7 +37,7 @@ def dynamic_sampling_keep(
     accuracy: torch.Tensor, group_size: int, low: float = 0.01, high: float = 0.99
 ) -> torch.Tensor:
     """DAPO: keep groups whose mean accuracy is strictly between ``low`` and ``high`` -> [groups] bool."""
-    mean = _groups(accuracy.double(), group_size).mean(dim=1)
+    mean = _groups("accuracy", accuracy, group_size).mean(dim=1)
     return (mean > low) & (mean < high)
 
 

@@ -32,7 +32,7 @@ def aggregate(
     so that summed micro-batch losses make one exact token-mean); seq-mean-token-mean: mean over sequences
     of each one's token-mean; seq-mean-token-sum: mean over sequences of each one's token sum.
     """
-    masked = values * mask
+    masked = torch.where(mask > 0, values, 0.0)
     if mode == "token-mean":
         denominator = global_token_count if global_token_count is not None else mask.sum().clamp(min=1)
         return masked.sum() / denominator
@@ -44,19 +44,25 @@ def aggregate(
 
 
 def _local_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return ((values * mask).sum() / mask.sum().clamp(min=1)).detach()
+    return (torch.where(mask > 0, values, 0.0).sum() / mask.sum().clamp(min=1)).detach()
+
+
+def _response_values(name: str, values: torch.Tensor, mask: torch.Tensor, fill: torch.Tensor) -> torch.Tensor:
+    """``values`` [b, s] with padding (``mask`` [b, s] == 0) replaced by ``fill`` [b, s], whatever it held
+    (``fill`` = the current log-probs makes every padding term neutral); NaN / inf on response tokens are
+    refused. No gradient."""
+    bad = ~torch.isfinite(values) & (mask > 0)
+    if bad.any():
+        raise ValueError(f"{name} is not finite on response tokens, at indices {bad.nonzero()[:4].tolist()}")
+    return torch.where(mask > 0, values, fill).detach()
 
 
 def _top_p_mask(kl: torch.Tensor, mask: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Per sample, 1 on the ceil(top_p * tokens) response tokens with the largest KL_prc."""
-    keep = torch.zeros_like(mask)
-    ranked = torch.where(mask > 0, kl.detach(), torch.full_like(kl, -torch.inf)).argsort(
-        dim=-1, descending=True
-    )
-    counts = torch.ceil(mask.sum(-1) * top_p).long()
-    for i, count in enumerate(counts.tolist()):
-        keep[i, ranked[i, :count]] = 1.0
-    return keep * mask
+    """Per sample, 1 on the ceil(top_p * tokens) response tokens with the largest KL_prc [b, s]."""
+    ranked = torch.where(mask > 0, kl.detach(), -torch.inf).argsort(dim=-1, descending=True, stable=True)
+    position = ranked.argsort(dim=-1)  # each token's place in its sample's ranking
+    keep = position < torch.ceil(mask.sum(-1, keepdim=True) * top_p)
+    return keep.to(mask.dtype) * mask
 
 
 def perception_kl(
@@ -73,11 +79,11 @@ def perception_kl(
             raise ValueError("kl_prc_estimator 'exact' needs the original and masked logits")
         b, s, v = logits.shape
         kl = full_kl(logits.reshape(b * s, v), masked_logits.reshape(b * s, v), temperature).view(b, s)
+        kl = kl.clamp(-cfg.kl_prc_clamp, cfg.kl_prc_clamp)
     elif cfg.kl_prc_estimator == "k3_inverted":  # the paper's figure: ratio pi / pi_mask
-        kl = kl_estimate(lp_mask, lp, "k3")
+        kl = kl_estimate(lp_mask, lp, "k3", clamp=cfg.kl_prc_clamp)
     else:  # reference: x = lp_mask - lp, KL(pi || pi_mask) estimated on tokens sampled from pi
-        kl = kl_estimate(lp, lp_mask, cfg.kl_prc_estimator)
-    kl = kl.clamp(-cfg.kl_prc_clamp, cfg.kl_prc_clamp)
+        kl = kl_estimate(lp, lp_mask, cfg.kl_prc_estimator, clamp=cfg.kl_prc_clamp)
     if cfg.kl_prc_token_clip is not None:
         kl = kl.clamp(0.0, cfg.kl_prc_token_clip)
     return kl
@@ -116,12 +122,16 @@ def papo_loss(
     if advantages.shape != (b,):
         raise ValueError(f"advantages must be [{b}], got {tuple(advantages.shape)}")
     mask = loss_mask.to(logits.dtype)
+    if not torch.isfinite(advantages).all():
+        raise ValueError(f"advantages must be finite, got {advantages.tolist()}")
 
     def agg(values: torch.Tensor, m: torch.Tensor = mask) -> torch.Tensor:
         return aggregate(values, m, cfg.loss_agg_mode, global_token_count)
 
+    labels = torch.where(mask > 0, labels, 0)  # padding may hold an ignore index such as -100
     lp, entropy = log_probs_and_entropy(logits.reshape(b * s, v), labels.reshape(b * s), temperature)
     lp, entropy = lp.view(b, s), entropy.view(b, s)
+    old_log_probs = _response_values("old_log_probs", old_log_probs, mask, lp)
 
     # clipped surrogate (GRPO / DAPO), dual clip for negative advantages
     log_ratio = (lp - old_log_probs).clamp(-cfg.log_ratio_clamp, cfg.log_ratio_clamp)
@@ -160,7 +170,7 @@ def papo_loss(
         elif masked_log_probs is not None:
             if masked_log_probs.shape != (b, s):
                 raise ValueError(f"masked_log_probs must be [{b}, {s}], got {tuple(masked_log_probs.shape)}")
-            lp_mask = masked_log_probs.detach()
+            lp_mask = _response_values("masked_log_probs", masked_log_probs, mask, lp)
         else:
             raise ValueError(
                 f"algorithm {cfg.name} (gamma={cfg.gamma}, eta2={cfg.eta2}) needs the masked image: "
@@ -182,7 +192,8 @@ def papo_loss(
     if cfg.uses_ref_kl:
         if ref_log_probs is None or ref_log_probs.shape != (b, s):
             raise ValueError(f"ref_kl_coef={cfg.ref_kl_coef} needs ref_log_probs [{b}, {s}]")
-        ref_kl = kl_estimate(lp, ref_log_probs.detach(), "k3").clamp(-10.0, 10.0)
+        ref_log_probs = _response_values("ref_log_probs", ref_log_probs, mask, lp)
+        ref_kl = kl_estimate(lp, ref_log_probs, "k3", clamp=10.0)
         loss = loss + cfg.ref_kl_coef * agg(ref_kl)
         metrics["actor/ref_kl"] = _local_mean(ref_kl, mask)
 
