@@ -24,10 +24,6 @@ NOT_ABLE = 3  # slurm_local.sh: the packages cannot be installed
 pytestmark = pytest.mark.slurm
 
 
-def _slurm_up() -> bool:
-    return subprocess.run(["sinfo"], env=SLURM_ENV, capture_output=True).returncode == 0
-
-
 @pytest.fixture(scope="module")
 def slurm():
     if os.geteuid() != 0:
@@ -35,13 +31,12 @@ def slurm():
     if shutil.which("slurmctld") is None and shutil.which("apt-get") is None:
         pytest.skip("SLURM is not installed and apt-get is not available to install it")
     script = os.path.join(ROOT, "tools", "slurm_local.sh")
-    was_up = _slurm_up()
     up = subprocess.run(["bash", script, "up"], env=SLURM_ENV, capture_output=True, text=True, timeout=600)
     if up.returncode == NOT_ABLE:
         pytest.skip(f"SLURM packages unavailable: {up.stderr.strip()}")
     assert up.returncode == 0, f"slurm_local.sh up failed:\n{up.stdout}\n{up.stderr}"
     yield SLURM_ENV
-    if not was_up:
+    if "slurm already up" not in up.stdout:  # leave a cluster someone else started
         subprocess.run(["bash", script, "down"], env=SLURM_ENV, capture_output=True, timeout=120)
 
 
