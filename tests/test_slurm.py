@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 
@@ -20,8 +21,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SLURM_DIR = "/tmp/slurm-local"
 SLURM_ENV = {**os.environ, "SLURM_DIR": SLURM_DIR, "SLURM_CONF": f"{SLURM_DIR}/slurm.conf"}
 NOT_ABLE = 3  # slurm_local.sh: the packages cannot be installed
-
-pytestmark = pytest.mark.slurm
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +39,7 @@ def slurm():
         subprocess.run(["bash", script, "down"], env=SLURM_ENV, capture_output=True, timeout=120)
 
 
+@pytest.mark.slurm
 def test_tiny_sbatch_tp2_pp2(slurm, tmp_path):
     out_dir = tmp_path / "run"
     log = tmp_path / "job.out"
@@ -88,3 +88,33 @@ def test_tiny_sbatch_tp2_pp2(slurm, tmp_path):
     metrics = json.loads(lines[0])
     assert metrics["step"] == 1 and metrics["launch/world_size"] == 4
     assert metrics["actor/loss"] == pytest.approx(last[0])
+
+
+GPU_SCRIPTS = ["qwen2_5_vl_3b", "qwen2_5_vl_7b", "qwen2_5_vl_32b", "qwen2_5_vl_72b"]
+
+
+@pytest.mark.parametrize("name", GPU_SCRIPTS)
+def test_gpu_sbatch_layout_fits_80gb(name):
+    """Each GPU script's trainer layout is one the planner says fits an 80 GB GPU (and parses as bash)."""
+    from megatron_papo.papo.config import PRESETS
+    from megatron_papo.planner import Layout, Workload, estimate_memory, get_model
+
+    path = os.path.join(ROOT, "examples", "slurm", f"{name}.sbatch")
+    text = open(path, encoding="utf-8").read()
+    assert subprocess.run(["bash", "-n", path]).returncode == 0
+    var = dict(re.findall(r"^([A-Z_]+)=(\S+)$", text, flags=re.M))
+    nodes = [int(n) for n in re.findall(r"^#SBATCH --nodes=(\d+)", text, flags=re.M)]
+    assert var["MODEL"] == name and nodes[0] == int(var["TRAIN_NODES"]) and len(nodes) == 2  # + vLLM
+    gpus = int(var["TRAIN_NODES"]) * int(var["GPUS_PER_NODE"])
+    tp, pp = int(var["TP"]), int(var["PP"])
+    assert gpus % (tp * pp) == 0 and tp <= int(var["GPUS_PER_NODE"])
+    assert int(var["GPUS_PER_NODE"]) % int(var["VLLM_TP"]) == 0
+    work = Workload(
+        micro_batch_size=int(var["MICRO_BATCH"]),
+        recompute=var["RECOMPUTE"] == "true",
+        ref_model=PRESETS[var["ALGORITHM"]]["ref_kl_coef"] > 0,
+        rollout="vllm",
+    )
+    estimate = estimate_memory(get_model(name), Layout(tp, pp, gpus // (tp * pp)), work)
+    assert estimate.peak <= 80 * 2**30, f"{name}: {estimate.peak / 2**30:.1f} GiB per GPU"
+    assert f"--tp {tp} --pp {pp} --micro-batch {var['MICRO_BATCH']}" in text  # the documented plan command
