@@ -181,3 +181,19 @@ def test_vision_tower_matches_transformers_at_tp_4_2_1(reference, tmp_path):
     assert "merger.mlp.0.weight" in errors["shape"] and "merger.fc1.weight" in errors["shape"]
     assert "out_hidden_size 128 differs from the LM hidden size 7" in errors["lm_hidden"]
     assert "tensor_model_parallel_size 2 does not divide the 3 vision attention heads" in errors["heads"]
+
+
+def test_segment_attention_equals_block_diagonal_softmax():
+    """Grouped segment attention == float64 softmax(QK^T / sqrt(d) + block-diagonal mask) V."""
+    from megatron_papo.models.vision.segments import Segments
+
+    cu = torch.tensor([0, 16, 20, 36, 44, 45, 61, 69])  # lengths 16, 4, 16, 8, 1, 16, 8
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(69, 3, 8, generator=generator, dtype=torch.float64) for _ in range(3))
+    segments = Segments.from_cu_seqlens(cu, torch.device("cpu"))
+    assert segments.groups == ((1, 1), (1, 4), (2, 8), (3, 16))
+    segment = torch.repeat_interleave(torch.arange(7), cu[1:] - cu[:-1])
+    scores = torch.einsum("qhd,khd->hqk", q, k) / 8**0.5
+    scores = scores.masked_fill(segment[:, None] != segment[None, :], float("-inf"))
+    expected = torch.einsum("hqk,khd->qhd", scores.softmax(-1), v)
+    torch.testing.assert_close(segments.attend(q, k, v, None), expected, rtol=1e-12, atol=1e-12)
