@@ -5,7 +5,7 @@
 - At TP=2 x PP=2, the project's Qwen2.5-VL (``megatron_papo.models``, megatron-core's local layers,
   fp32) is built with megatron DDP and the megatron-core optimizer; per stage, the planner's weights,
   gradient buffer and Adam state equal the bytes of the real tensors (up to DDP's bucket padding), and
-  its activation estimate for one micro-batch is within 2% of the bytes autograd actually saved for
+  its activation estimate for one micro-batch is within 1% of the bytes autograd actually saved for
   backward (``saved_tensors_hooks``, each storage counted once, parameters excluded) in a forward of
   the vision tower, the decoder and the PAPO loss's log-prob/entropy op.
 """
@@ -189,7 +189,7 @@ def test_estimate_matches_measured_tp2_pp2(tmp_path):
         # DDP pads its buffer to whole buckets: the planner's fp32 main grads are the unpadded bytes
         assert stage.grads <= measured["grads"] <= stage.grads * 1.01
         assert measured["optimizer"] == stage.optimizer  # fp32 weights: exp_avg + exp_avg_sq
-        assert measured["activations"] == pytest.approx(stage.activations, rel=0.02), measured
+        assert measured["activations"] == pytest.approx(stage.activations, rel=0.01), measured
 
 
 def test_plan_and_estimates_behave():
