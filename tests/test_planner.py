@@ -18,11 +18,11 @@ from contextlib import redirect_stdout
 
 import pytest
 import torch
+from multiprocess import run_distributed
 
 from megatron_papo.planner import cli
 from megatron_papo.planner.architectures import QWEN2_5_VL, ModelArch, get_model
 from megatron_papo.planner.memory import GIB, Layout, Workload, estimate_memory, plan
-from tests.multiprocess import run_distributed
 
 PUBLISHED_BILLIONS = {
     "qwen2_5_vl_3b": 3.75,
