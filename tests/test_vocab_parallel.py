@@ -4,7 +4,12 @@ import pytest
 import torch
 from multiprocess import run_distributed
 
-from megatron_papo.ops.vocab_parallel import full_kl, kl_estimate, log_probs_and_entropy
+from megatron_papo.ops.vocab_parallel import (
+    full_kl,
+    kl_estimate,
+    log_probs_and_entropy,
+    log_probs_entropies_and_kl,
+)
 
 T, V = 45, 64
 TEMPERATURES = (1.0, 0.6)
@@ -26,7 +31,7 @@ def _case(dtype: torch.dtype):
     targets = torch.randint(0, V, (T,), generator=g)
     targets[3] = V - 1
     targets[4] = 1
-    weights = torch.randn(3, T, generator=g, dtype=torch.float64)
+    weights = torch.randn(5, T, generator=g, dtype=torch.float64)
     return p.to(dtype), q.to(dtype), targets, weights.to(dtype)
 
 
@@ -37,42 +42,54 @@ def _reference(p, q, targets, weights, temperature):
     q = finite(q.double()).requires_grad_()
     log_p = torch.log_softmax(p / temperature, -1)
     log_q = torch.log_softmax(q / temperature, -1)
-    lp = log_p.gather(-1, targets[:, None]).squeeze(-1)
-    entropy = -(log_p.exp() * log_p).sum(-1)
-    kl = (log_p.exp() * (log_p - log_q)).sum(-1)
-    w = weights.double()
-    (w[0] * lp + w[1] * entropy + w[2] * kl).sum().backward()
-    return [t.detach() for t in (lp, entropy, kl, p.grad, q.grad)]
+    outputs = (
+        log_p.gather(-1, targets[:, None]).squeeze(-1),
+        -(log_p.exp() * log_p).sum(-1),
+        log_q.gather(-1, targets[:, None]).squeeze(-1),
+        -(log_q.exp() * log_q).sum(-1),
+        (log_p.exp() * (log_p - log_q)).sum(-1),
+    )
+    sum((w * o).sum() for w, o in zip(weights.double(), outputs, strict=True)).backward()
+    return [t.detach() for t in (*outputs, p.grad, q.grad)]
 
 
-def _ours(dtype, temperature, chunk, rank=0, world=1, group=None):
+def _ours(dtype, temperature, chunk, combined, rank=0, world=1, group=None):
+    """The five outputs and both gradients, from one combined call or from the three separate ops."""
     p, q, targets, weights = _case(dtype)
     cols = slice(rank * V // world, (rank + 1) * V // world)
     p_local = p[:, cols].clone().requires_grad_()
     q_local = q[:, cols].clone().requires_grad_()
-    lp, entropy = log_probs_and_entropy(p_local, targets, temperature, chunk, group)
-    kl = full_kl(p_local, q_local, temperature, chunk, group)
-    (weights[0] * lp + weights[1] * entropy + weights[2] * kl).sum().backward()
-    return [t.detach() for t in (lp, entropy, kl, p_local.grad, q_local.grad)]
+    if combined:
+        outputs = log_probs_entropies_and_kl(p_local, q_local, targets, temperature, chunk, group)
+    else:
+        outputs = (
+            *log_probs_and_entropy(p_local, targets, temperature, chunk, group),
+            *log_probs_and_entropy(q_local, targets, temperature, chunk, group),
+            full_kl(p_local, q_local, temperature, chunk, group),
+        )
+    sum((w * o).sum() for w, o in zip(weights, outputs, strict=True)).backward()
+    return [t.detach() for t in (*outputs, p_local.grad, q_local.grad)]
 
 
 def _all_cases(rank=0, world=1, group=None):
     return {
-        (dtype, temperature, chunk): _ours(dtype, temperature, chunk, rank, world, group)
+        (dtype, temperature, chunk, combined): _ours(dtype, temperature, chunk, combined, rank, world, group)
         for dtype in DTYPES
         for temperature in TEMPERATURES
         for chunk in CHUNKS
+        for combined in (False, True)
     }
 
 
 def _check(world: int, rank: int, results) -> None:
     cols = slice(rank * V // world, (rank + 1) * V // world)
-    for (dtype, temperature, chunk), ours in results.items():
+    names = ("lp_p", "entropy_p", "lp_q", "entropy_q", "kl", "grad_p", "grad_q")
+    for (dtype, temperature, chunk, combined), ours in results.items():
         ref = _reference(*_case(dtype), temperature)
-        ref[3], ref[4] = ref[3][:, cols], ref[4][:, cols]
+        ref[5], ref[6] = ref[5][:, cols], ref[6][:, cols]
         tol = dict(rtol=1e-6, atol=1e-9) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-4)
-        where = f"TP={world} rank {rank} {dtype} T={temperature} chunk={chunk}"
-        for name, a, b in zip(("lp", "entropy", "kl", "grad_p", "grad_q"), ours, ref, strict=True):
+        where = f"TP={world} rank {rank} {dtype} T={temperature} chunk={chunk} combined={combined}"
+        for name, a, b in zip(names, ours, ref, strict=True):
             torch.testing.assert_close(a.double(), b, **tol, msg=lambda m, n=name, w=where: f"{n} {w}: {m}")
 
 

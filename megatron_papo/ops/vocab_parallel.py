@@ -112,119 +112,125 @@ def _check_reduced(name: str, bad: torch.Tensor, mass: torch.Tensor) -> None:
             raise ValueError(f"{name} holds {what} at token(s) {tokens[:8].tolist()} ({len(tokens)} in all)")
 
 
-class _LogProbEntropy(torch.autograd.Function):
-    """Sums are taken relative to maxes (``z - m``), so large offsets cancel exactly, even in float32."""
+def _shard_sums(z: torch.Tensor, local_t: torch.Tensor, in_shard: torch.Tensor):
+    """One distribution's statistics on a chunk z [c, v] of this shard, relative to its local max m:
+    (m [c], e = exp(z - m) [c, v], z - m [c, v], [sum e, sum e (z - m), (z - m)[target], bad] [c, 4])."""
+    m, bad = _local_max(z)
+    zc = z - m.unsqueeze(-1)
+    e = torch.exp(zc)
+    picked = zc.gather(-1, local_t.unsqueeze(-1)).squeeze(-1)
+    sums = torch.stack(
+        [e.sum(-1), torch.where(e > 0, e * zc, 0.0).sum(-1), torch.where(in_shard, picked, 0.0), bad], dim=-1
+    )
+    return m, e, zc, sums
+
+
+def _globalize(sums: torch.Tensor, factor: torch.Tensor, shift: torch.Tensor, in_shard: torch.Tensor) -> None:
+    """Rescale one distribution's [T, 4] sums from this shard's max to the global max, in place:
+    ``factor`` = exp(m_local - m_global), ``shift`` = m_local - m_global (both [T])."""
+    sums[:, 1] = factor * (sums[:, 1] + sums[:, 0] * shift)
+    sums[:, 0] = factor * sums[:, 0]
+    sums[:, 2] = torch.where(in_shard, sums[:, 2] + shift, 0.0)
+
+
+class _VocabStats(torch.autograd.Function):
+    """Per-token (lp, H) of p, and with q also (lp_q, H_q, KL(p || q)), in one pass over the chunks.
+
+    Sums are taken relative to maxes (``z - m``), so large offsets cancel exactly, even in float32. The
+    backward writes each logit gradient once: per token, with scalars a, b, c, a_q, b_q,
+        dL/dz^p = p (a + b log p + c log q) + g_lp 1[target],    dL/dz^q = q (a_q + b_q log q) - g_kl p + ...
+    """
 
     @staticmethod
-    def forward(ctx, logits, targets, temperature, chunk_size, group):
+    def forward(ctx, p_logits, q_logits, targets, temperature, chunk_size, group):
         rank, _ = _world(group)
-        tokens, shard = logits.shape
-        dtype = _compute_dtype(logits)
-        lo = rank * shard
-        m_local = torch.empty(tokens, dtype=dtype, device=logits.device)
-        # sum e, sum e (z - m), z[t] - m, bad; e = exp(z - m) with this shard's max m
-        sums = torch.zeros(tokens, 4, dtype=dtype, device=logits.device)
-        local_t = targets - lo
+        tokens, shard = p_logits.shape
+        dtype, device = _compute_dtype(p_logits), p_logits.device
+        k = 1 if q_logits is None else 2
+        local_t = targets - rank * shard
         in_shard = (local_t >= 0) & (local_t < shard)
+        local_t = local_t.clamp(0, shard - 1)
+        m_local = torch.empty(tokens, k, dtype=dtype, device=device)
+        sums = torch.zeros(tokens, k, 4, dtype=dtype, device=device)
+        cross = torch.zeros(tokens, dtype=dtype, device=device)  # sum e_p ((zp - mp) - (zq - mq))
         for rows in _chunks(tokens, chunk_size):
-            z = logits[rows].to(dtype) / temperature
-            m, sums[rows, 3] = _local_max(z)
-            zc = z - m.unsqueeze(-1)
-            e = torch.exp(zc)
-            m_local[rows] = m
-            sums[rows, 0] = e.sum(-1)
-            sums[rows, 1] = torch.where(e > 0, e * zc, 0.0).sum(-1)
-            picked = zc.gather(-1, local_t[rows].clamp(0, shard - 1).unsqueeze(-1)).squeeze(-1)
-            sums[rows, 2] = torch.where(in_shard[rows], picked, 0.0)
-        m_global, factor, vocab = _to_global(m_local.unsqueeze(-1), sums[:, :1], shard, group)
+            z = p_logits[rows].to(dtype) / temperature
+            m_local[rows, 0], e_p, zpc, sums[rows, 0] = _shard_sums(z, local_t[rows], in_shard[rows])
+            if q_logits is not None:
+                z = q_logits[rows].to(dtype) / temperature
+                m_local[rows, 1], _, zqc, sums[rows, 1] = _shard_sums(z, local_t[rows], in_shard[rows])
+                cross[rows] = torch.where(e_p > 0, e_p * (zpc - zqc), 0.0).sum(-1)
+        m_global, factor, vocab = _to_global(m_local, sums[..., 0], shard, group)
         if len(targets) and (int(targets.min()) < 0 or int(targets.max()) >= vocab):
             raise ValueError(
                 f"token ids must be in [0, {vocab}), got range [{int(targets.min())}, {int(targets.max())}]"
             )
-        m_global, factor = m_global.squeeze(-1), factor.squeeze(-1)
         shift = torch.where(factor > 0, m_local - m_global, 0.0)
-        sums[:, 1] = factor * (sums[:, 1] + sums[:, 0] * shift)
-        sums[:, 0] = factor * sums[:, 0]
-        owner_shift = torch.where(in_shard, m_local - m_global, 0.0)
-        sums[:, 2] = torch.where(in_shard, sums[:, 2] + owner_shift, 0.0)
-        _all_reduce(sums, dist.ReduceOp.SUM, group)
-        _check_reduced("logits", sums[:, 3], sums[:, 0])
-        log_s = torch.log(sums[:, 0])  # logZ = m_global + log_s
-        lp = sums[:, 2] - log_s
-        entropy = log_s - sums[:, 1] / sums[:, 0]
-        ctx.save_for_backward(logits, targets, m_global, log_s, entropy)
-        ctx.temperature, ctx.chunk_size, ctx.lo = temperature, chunk_size, lo
-        return lp.to(logits.dtype), entropy.to(logits.dtype)
-
-    @staticmethod
-    def backward(ctx, grad_lp, grad_entropy):
-        logits, targets, m_global, log_s, entropy = ctx.saved_tensors
-        shard = logits.shape[1]
-        dtype = log_s.dtype
-        grad = torch.empty_like(logits)
-        local_t = targets - ctx.lo
-        in_shard = (local_t >= 0) & (local_t < shard)
-        g_lp = grad_lp.to(dtype) if grad_lp is not None else torch.zeros_like(log_s)
-        g_h = grad_entropy.to(dtype) if grad_entropy is not None else torch.zeros_like(log_s)
-        for rows in _chunks(logits.shape[0], ctx.chunk_size):
-            z = logits[rows].to(dtype) / ctx.temperature
-            log_p = (z - m_global[rows].unsqueeze(-1)) - log_s[rows].unsqueeze(-1)
-            p = torch.exp(log_p)
-            d_entropy = torch.where(p > 0, -p * (log_p + entropy[rows].unsqueeze(-1)), 0.0)
-            g = d_entropy * g_h[rows].unsqueeze(-1) - p * g_lp[rows].unsqueeze(-1)
-            hit = torch.where(in_shard[rows], g_lp[rows], 0.0).unsqueeze(-1)
-            g.scatter_add_(-1, local_t[rows].clamp(0, shard - 1).unsqueeze(-1), hit)
-            grad[rows] = (g / ctx.temperature).to(logits.dtype)
-        return grad, None, None, None, None
-
-
-class _FullKL(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, p_logits, q_logits, temperature, chunk_size, group):
-        tokens, shard = p_logits.shape
-        dtype = _compute_dtype(p_logits)
-        m_local = torch.empty(tokens, 2, dtype=dtype, device=p_logits.device)
-        # sum e_p, sum e_q, sum e_p ((zp - mp) - (zq - mq)), bad p, bad q; relative to this shard's maxes
-        sums = torch.zeros(tokens, 5, dtype=dtype, device=p_logits.device)
-        for rows in _chunks(tokens, chunk_size):
-            zp = p_logits[rows].to(dtype) / temperature
-            zq = q_logits[rows].to(dtype) / temperature
-            (mp, sums[rows, 3]), (mq, sums[rows, 4]) = _local_max(zp), _local_max(zq)
-            zpc, zqc = zp - mp.unsqueeze(-1), zq - mq.unsqueeze(-1)
-            ep = torch.exp(zpc)
-            m_local[rows, 0], m_local[rows, 1] = mp, mq
-            sums[rows, 0], sums[rows, 1] = ep.sum(-1), torch.exp(zqc).sum(-1)
-            sums[rows, 2] = torch.where(ep > 0, ep * (zpc - zqc), 0.0).sum(-1)
-        m_global, factor, _ = _to_global(m_local, sums[:, :2], shard, group)
-        shift = torch.where(factor > 0, m_local - m_global, 0.0)
-        sums[:, 2] = factor[:, 0] * (sums[:, 2] + sums[:, 0] * (shift[:, 0] - shift[:, 1]))
-        sums[:, :2] = factor * sums[:, :2]
-        _all_reduce(sums, dist.ReduceOp.SUM, group)
-        _check_reduced("p_logits", sums[:, 3], sums[:, 0])
-        _check_reduced("q_logits", sums[:, 4], sums[:, 1])
-        log_sp, log_sq = torch.log(sums[:, 0]), torch.log(sums[:, 1])
-        kl = sums[:, 2] / sums[:, 0] - log_sp + log_sq
-        ctx.save_for_backward(p_logits, q_logits, m_global, log_sp, log_sq, kl)
+        if q_logits is not None:
+            cross = factor[:, 0] * (cross + sums[:, 0, 0] * (shift[:, 0] - shift[:, 1]))
+        for i in range(k):
+            _globalize(sums[:, i], factor[:, i], shift[:, i], in_shard)
+        reduced = _all_reduce(
+            torch.cat([sums.flatten(1), cross.unsqueeze(-1)], dim=-1), dist.ReduceOp.SUM, group
+        )
+        sums, cross = reduced[:, :-1].view(tokens, k, 4), reduced[:, -1]
+        for i, name in enumerate(("p_logits", "q_logits")[:k]):
+            _check_reduced(name, sums[:, i, 3], sums[:, i, 0])
+        log_s = torch.log(sums[..., 0])  # [T, k]; logZ = m_global + log_s
+        lp = sums[..., 2] - log_s
+        entropy = log_s - sums[..., 1] / sums[..., 0]
+        kl = cross / sums[:, 0, 0] - log_s[:, 0] + log_s[:, 1] if q_logits is not None else None
+        ctx.save_for_backward(p_logits, q_logits, local_t, in_shard, m_global, log_s, entropy, kl)
         ctx.temperature, ctx.chunk_size = temperature, chunk_size
-        return kl.to(p_logits.dtype)
+        out = [lp[:, 0], entropy[:, 0]] + ([lp[:, 1], entropy[:, 1], kl] if q_logits is not None else [])
+        return tuple(x.to(p_logits.dtype) for x in out)
 
     @staticmethod
-    def backward(ctx, grad_kl):
-        p_logits, q_logits, m_global, log_sp, log_sq, kl = ctx.saved_tensors
-        dtype = log_sp.dtype
-        g = torch.where(torch.isfinite(kl), grad_kl.to(dtype), 0.0).unsqueeze(-1)
-        grad_p, grad_q = torch.empty_like(p_logits), torch.empty_like(q_logits)
+    def backward(ctx, *grads):
+        p_logits, q_logits, local_t, in_shard, m_global, log_s, entropy, kl = ctx.saved_tensors
+        zero = torch.zeros_like(log_s[:, 0])
+        g_lp, g_h, g_lq, g_hq, g_kl = (
+            zero if g is None else g.to(zero.dtype) for g in (grads + (None,) * 3)[:5]
+        )
+        offset = m_global + log_s  # [T, k]: log p = z - offset
+        if q_logits is None:
+            h_q, offset_q, kl = zero, zero, zero
+        else:  # tokens with KL = +inf (q masks an entry p does not) get no KL gradient
+            h_q, offset_q = entropy[:, 1], offset[:, 1]
+            g_kl = torch.where(torch.isfinite(kl), g_kl, 0.0)
+            kl = torch.where(torch.isfinite(kl), kl, 0.0)
+        # dL/dz^p = p (a + b log p + c log q) + g_lp 1[t];  dL/dz^q = q (a_q + b_q log q) - g_kl p + g_lq 1[t]
+        coef = torch.stack(
+            [
+                -g_lp - g_h * entropy[:, 0] - g_kl * kl,
+                g_kl - g_h,
+                -g_kl,
+                -g_lq - g_hq * h_q + g_kl,
+                -g_hq,
+                offset[:, 0],
+                offset_q,
+            ],
+            dim=-1,
+        )
+        hits = torch.where(in_shard.unsqueeze(-1), torch.stack([g_lp, g_lq], dim=-1), 0.0)
+        grad_p = torch.empty_like(p_logits)
+        grad_q = torch.empty_like(q_logits) if q_logits is not None else None
         for rows in _chunks(p_logits.shape[0], ctx.chunk_size):
-            zp = p_logits[rows].to(dtype) / ctx.temperature
-            zq = q_logits[rows].to(dtype) / ctx.temperature
-            log_p = zp - m_global[rows, 0:1] - log_sp[rows].unsqueeze(-1)
-            log_q = zq - m_global[rows, 1:2] - log_sq[rows].unsqueeze(-1)
-            p, q = torch.exp(log_p), torch.exp(log_q)
-            finite = torch.isfinite(kl[rows]).unsqueeze(-1) & (p > 0)
-            d_p = torch.where(finite, p * (log_p - log_q - kl[rows].unsqueeze(-1)), 0.0)
-            grad_p[rows] = (d_p * g[rows] / ctx.temperature).to(p_logits.dtype)
-            grad_q[rows] = ((q - p) * g[rows] / ctx.temperature).to(q_logits.dtype)
-        return grad_p, grad_q, None, None, None
+            a, b, c, a_q, b_q, off_p, off_q = coef[rows].unsqueeze(-1).unbind(1)  # each [chunk, 1]
+            target = local_t[rows].unsqueeze(-1)
+            log_p = p_logits[rows].to(coef.dtype) / ctx.temperature - off_p
+            p = torch.exp(log_p)
+            inner = a + b * log_p
+            if q_logits is not None:
+                log_q = q_logits[rows].to(coef.dtype) / ctx.temperature - off_q
+                q = torch.exp(log_q)
+                inner = inner + c * torch.where(q > 0, log_q, 0.0)
+                g = torch.where(q > 0, q * (a_q + b_q * log_q), 0.0) + c * p
+                g.scatter_add_(-1, target, hits[rows, 1:])
+                grad_q[rows] = (g / ctx.temperature).to(grad_q.dtype)
+            g = torch.where(p > 0, p * inner, 0.0).scatter_add_(-1, target, hits[rows, :1])
+            grad_p[rows] = (g / ctx.temperature).to(grad_p.dtype)
+        return grad_p, grad_q, None, None, None, None
 
 
 def _check_logits(name: str, logits: torch.Tensor) -> None:
@@ -239,6 +245,21 @@ def _check_temperature_chunk(temperature: float, chunk_size: int | None) -> None
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+
+
+def _check_targets(targets: torch.Tensor, tokens: int) -> torch.Tensor:
+    if targets.shape != (tokens,) or targets.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"targets must be integer [{tokens}], got {targets.dtype} {tuple(targets.shape)}")
+    return targets.long()
+
+
+def _check_pair(p_logits: torch.Tensor, q_logits: torch.Tensor) -> None:
+    _check_logits("p_logits", p_logits)
+    _check_logits("q_logits", q_logits)
+    if p_logits.shape != q_logits.shape:
+        raise ValueError(
+            f"p_logits {tuple(p_logits.shape)} and q_logits {tuple(q_logits.shape)} differ in shape"
+        )
 
 
 def log_probs_and_entropy(
@@ -256,12 +277,29 @@ def log_probs_and_entropy(
     """
     _check_logits("logits", logits)
     _check_temperature_chunk(temperature, chunk_size)
-    if targets.shape != logits.shape[:1] or targets.dtype not in (torch.int32, torch.int64):
-        raise ValueError(
-            f"targets must be integer [{logits.shape[0]}], got {targets.dtype} {tuple(targets.shape)}"
-        )
+    targets = _check_targets(targets, logits.shape[0])
     rows = _chunk_rows(chunk_size, logits.shape[1])
-    return _LogProbEntropy.apply(logits, targets.long(), float(temperature), rows, _tp_group(group))
+    return _VocabStats.apply(logits, None, targets, float(temperature), rows, _tp_group(group))
+
+
+def log_probs_entropies_and_kl(
+    p_logits: torch.Tensor,
+    q_logits: torch.Tensor,
+    targets: torch.Tensor,
+    temperature: float = 1.0,
+    chunk_size: int | None = None,
+    group: dist.ProcessGroup | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(lp_p, H_p, lp_q, H_q, KL(p || q)), each [T], of two vocab-sharded distributions in one pass.
+
+    p_logits, q_logits: [T, vocab/tp] (original-image and masked-image logits); targets: [T]. Cheaper than
+    the separate calls: each logit tensor is read once per pass and its gradient written once.
+    """
+    _check_pair(p_logits, q_logits)
+    _check_temperature_chunk(temperature, chunk_size)
+    targets = _check_targets(targets, p_logits.shape[0])
+    rows = _chunk_rows(chunk_size, p_logits.shape[1])
+    return _VocabStats.apply(p_logits, q_logits, targets, float(temperature), rows, _tp_group(group))
 
 
 def full_kl(
@@ -275,15 +313,11 @@ def full_kl(
 
     p_logits, q_logits: [T, vocab/tp] (e.g. original-image and masked-image logits).
     """
-    _check_logits("p_logits", p_logits)
-    _check_logits("q_logits", q_logits)
+    _check_pair(p_logits, q_logits)
     _check_temperature_chunk(temperature, chunk_size)
-    if p_logits.shape != q_logits.shape:
-        raise ValueError(
-            f"p_logits {tuple(p_logits.shape)} and q_logits {tuple(q_logits.shape)} differ in shape"
-        )
+    targets = torch.zeros(p_logits.shape[0], dtype=torch.long, device=p_logits.device)
     rows = _chunk_rows(chunk_size, p_logits.shape[1])
-    return _FullKL.apply(p_logits, q_logits, float(temperature), rows, _tp_group(group))
+    return _VocabStats.apply(p_logits, q_logits, targets, float(temperature), rows, _tp_group(group))[4]
 
 
 KLEstimator = Literal["k1", "k2", "k3"]

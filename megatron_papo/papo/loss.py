@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from megatron_papo.ops.vocab_parallel import full_kl, kl_estimate, log_probs_and_entropy
+from megatron_papo.ops.vocab_parallel import kl_estimate, log_probs_and_entropy, log_probs_entropies_and_kl
 from megatron_papo.papo.config import AlgorithmConfig
 
 
@@ -66,20 +66,17 @@ def _top_p_mask(kl: torch.Tensor, mask: torch.Tensor, top_p: float) -> torch.Ten
 
 
 def perception_kl(
-    cfg: AlgorithmConfig,
-    lp: torch.Tensor,
-    lp_mask: torch.Tensor,
-    logits: torch.Tensor | None = None,
-    masked_logits: torch.Tensor | None = None,
-    temperature: float = 1.0,
+    cfg: AlgorithmConfig, lp: torch.Tensor, lp_mask: torch.Tensor, exact_kl: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Per-token KL_prc [b, s] with the configured estimator, clamped as the reference does."""
+    """Per-token KL_prc [b, s] with the configured estimator, clamped as the reference does.
+
+    lp, lp_mask: [b, s] log-probs of the sampled tokens with the original and the masked image;
+    exact_kl: [b, s] the full-vocabulary KL(pi || pi_mask) (needed by the ``exact`` estimator).
+    """
     if cfg.kl_prc_estimator == "exact":
-        if logits is None or masked_logits is None:
-            raise ValueError("kl_prc_estimator 'exact' needs the original and masked logits")
-        b, s, v = logits.shape
-        kl = full_kl(logits.reshape(b * s, v), masked_logits.reshape(b * s, v), temperature).view(b, s)
-        kl = kl.clamp(-cfg.kl_prc_clamp, cfg.kl_prc_clamp)
+        if exact_kl is None:
+            raise ValueError("kl_prc_estimator 'exact' needs the masked-image logits (masked_logits)")
+        kl = exact_kl.clamp(-cfg.kl_prc_clamp, cfg.kl_prc_clamp)
     elif cfg.kl_prc_estimator == "k3_inverted":  # the paper's figure: ratio pi / pi_mask
         kl = kl_estimate(lp_mask, lp, "k3", clamp=cfg.kl_prc_clamp)
     else:  # reference: x = lp_mask - lp, KL(pi || pi_mask) estimated on tokens sampled from pi
@@ -107,11 +104,17 @@ def papo_loss(
     """The loss of one micro-batch and its metrics.
 
     logits: [b, s, vocab/tp] (with gradient); labels, loss_mask, old_log_probs: [b, s] (labels[t] is the
-    token logits[t] scores; loss_mask 1 on response tokens); advantages: [b]. The masked image comes as
-    ``masked_logits`` [b, s, vocab/tp] (with gradient when ``cfg.masked_grad``) or as precomputed
-    ``masked_log_probs`` [b, s] (no gradient: the reference default). ``ref_log_probs`` [b, s] when the
-    ref-KL term is on. ``progress`` in [0, 1] drives gamma annealing. ``global_token_count``: see
-    ``aggregate`` (the caller then scales the loss for the schedule's averaging).
+    token logits[t] scores; loss_mask 1 on response tokens; padding values are ignored); advantages: [b].
+    The masked image comes as ``masked_logits`` [b, s, vocab/tp] (with gradient when ``cfg.masked_grad``,
+    else detached; needed by the exact KL / entropy) or as precomputed ``masked_log_probs`` [b, s] (no
+    gradient: the reference default). ``ref_log_probs`` [b, s] when the ref-KL term is on. ``progress``
+    in [0, 1] drives gamma annealing. ``global_token_count``: see ``aggregate`` (the caller then scales
+    the loss for the schedule's averaging).
+
+    Metrics (detached, means over this micro-batch's response tokens): actor/pg_loss, actor/pg_clipfrac
+    (and _high: ratio above 1 + eps_high with A > 0, _low), actor/approx_kl, papo/entropy (exact),
+    papo/kl_prc, papo/masked_entropy (exact with masked logits, else -lp_mask), papo/gamma, actor/ref_kl,
+    actor/loss.
     """
     b, s, v = logits.shape
     if labels.shape != (b, s) or loss_mask.shape != (b, s) or old_log_probs.shape != (b, s):
@@ -121,16 +124,33 @@ def papo_loss(
         )
     if advantages.shape != (b,):
         raise ValueError(f"advantages must be [{b}], got {tuple(advantages.shape)}")
-    mask = loss_mask.to(logits.dtype)
     if not torch.isfinite(advantages).all():
         raise ValueError(f"advantages must be finite, got {advantages.tolist()}")
+    mask = loss_mask.to(logits.dtype)
+    targets = torch.where(mask > 0, labels, 0).flatten()  # padding may hold an ignore index such as -100
 
     def agg(values: torch.Tensor, m: torch.Tensor = mask) -> torch.Tensor:
         return aggregate(values, m, cfg.loss_agg_mode, global_token_count)
 
-    labels = torch.where(mask > 0, labels, 0)  # padding may hold an ignore index such as -100
-    lp, entropy = log_probs_and_entropy(logits.reshape(b * s, v), labels.reshape(b * s), temperature)
-    lp, entropy = lp.view(b, s), entropy.view(b, s)
+    # per-token log-probs and entropies, vocab-parallel: one pass over both logit tensors when both are here
+    masked_entropy = exact_kl = None
+    if masked_logits is not None:
+        if masked_logits.shape != logits.shape:
+            raise ValueError(f"masked_logits {tuple(masked_logits.shape)} must match logits {(b, s, v)}")
+        q = masked_logits if cfg.masked_grad else masked_logits.detach()
+        stats = log_probs_entropies_and_kl(
+            logits.reshape(b * s, v), q.reshape(b * s, v), targets, temperature
+        )
+        lp, entropy, lp_mask, masked_entropy, exact_kl = (x.view(b, s) for x in stats)
+    else:
+        lp, entropy = (
+            x.view(b, s) for x in log_probs_and_entropy(logits.reshape(b * s, v), targets, temperature)
+        )
+        lp_mask = None
+        if masked_log_probs is not None:
+            if masked_log_probs.shape != (b, s):
+                raise ValueError(f"masked_log_probs must be [{b}, {s}], got {tuple(masked_log_probs.shape)}")
+            lp_mask = _response_values("masked_log_probs", masked_log_probs, mask, lp)
     old_log_probs = _response_values("old_log_probs", old_log_probs, mask, lp)
 
     # clipped surrogate (GRPO / DAPO), dual clip for negative advantages
@@ -141,8 +161,7 @@ def papo_loss(
     clipped = -a * ratio.clamp(1 - cfg.eps_low, 1 + cfg.eps_high)
     pg = torch.maximum(unclipped, clipped)
     pg = torch.where(a < 0, torch.minimum(pg, -a * cfg.clip_dual), pg)
-    pg_loss = agg(pg)
-    loss = pg_loss
+    loss = agg(pg)
     metrics = {
         "actor/pg_loss": _local_mean(pg, mask),
         "actor/pg_clipfrac": _local_mean((clipped > unclipped).to(mask.dtype), mask),
@@ -152,43 +171,32 @@ def papo_loss(
         "papo/entropy": _local_mean(entropy, mask),
     }
 
+    # Double Entropy Loss (first term) and Implicit Perception Loss, annealed together
     factor = cfg.anneal_factor(progress)
+    exact_entropy = cfg.entropy_estimator == "exact"
     if cfg.eta1:
-        loss = loss + cfg.eta1 * factor * agg(entropy if cfg.entropy_estimator == "exact" else -lp)
-
+        loss = loss + cfg.eta1 * factor * agg(entropy if exact_entropy else -lp)
     if cfg.uses_masked_images:
-        masked_entropy = None
-        if masked_logits is not None:
-            if masked_logits.shape != logits.shape:
-                raise ValueError(f"masked_logits {tuple(masked_logits.shape)} must match logits {(b, s, v)}")
-            lp_mask, masked_entropy = log_probs_and_entropy(
-                masked_logits.reshape(b * s, v), labels.reshape(b * s), temperature
-            )
-            lp_mask, masked_entropy = lp_mask.view(b, s), masked_entropy.view(b, s)
-            if not cfg.masked_grad:
-                lp_mask, masked_entropy = lp_mask.detach(), masked_entropy.detach()
-        elif masked_log_probs is not None:
-            if masked_log_probs.shape != (b, s):
-                raise ValueError(f"masked_log_probs must be [{b}, {s}], got {tuple(masked_log_probs.shape)}")
-            lp_mask = _response_values("masked_log_probs", masked_log_probs, mask, lp)
-        else:
+        if lp_mask is None:
             raise ValueError(
                 f"algorithm {cfg.name} (gamma={cfg.gamma}, eta2={cfg.eta2}) needs the masked image: "
                 "pass masked_logits or masked_log_probs"
             )
-        kl = perception_kl(cfg, lp, lp_mask, logits, masked_logits if cfg.masked_grad else None, temperature)
+        kl = perception_kl(cfg, lp, lp_mask, exact_kl)
         kl_mask = _top_p_mask(kl, mask, cfg.kl_prc_top_p) if cfg.kl_prc_top_p is not None else mask
         if cfg.gamma:
             loss = loss - cfg.gamma * factor * agg(kl, kl_mask)
         if cfg.eta2:
-            h_mask = masked_entropy if cfg.entropy_estimator == "exact" else -lp_mask
-            loss = loss + cfg.eta2 * factor * agg(h_mask)
+            if exact_entropy and masked_entropy is None:
+                raise ValueError("entropy_estimator 'exact' needs the masked-image logits (masked_logits)")
+            loss = loss + cfg.eta2 * factor * agg(masked_entropy if exact_entropy else -lp_mask)
         metrics["papo/kl_prc"] = _local_mean(kl, kl_mask)
         metrics["papo/masked_entropy"] = _local_mean(
             masked_entropy if masked_entropy is not None else -lp_mask, mask
         )
         metrics["papo/gamma"] = torch.tensor(cfg.gamma * factor)
 
+    # KL to the reference model (k3, clamped)
     if cfg.uses_ref_kl:
         if ref_log_probs is None or ref_log_probs.shape != (b, s):
             raise ValueError(f"ref_kl_coef={cfg.ref_kl_coef} needs ref_log_probs [{b}, {s}]")
