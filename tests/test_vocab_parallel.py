@@ -186,6 +186,22 @@ def test_sample_estimators():
         kl_estimate(log_p, log_q[:2], "k3")
 
 
+def test_bfloat16_logits_give_float32_statistics():
+    p, q, targets, weights = (
+        x.to(torch.bfloat16) if x.is_floating_point() else x for x in _case(torch.float32)
+    )
+    p, q = p.requires_grad_(), q.requires_grad_()
+    outputs = log_probs_entropies_and_kl(p, q, targets, 0.6, chunk_size=7)
+    assert all(o.dtype == torch.float32 for o in outputs)
+    sum((w * o).sum() for w, o in zip(weights, outputs, strict=True)).backward()
+    assert p.grad.dtype == torch.bfloat16 and q.grad.dtype == torch.bfloat16
+    ref = _reference(p.detach(), q.detach(), targets, weights, 0.6)  # float64 on the same bf16 values
+    for a, b in zip(outputs, ref, strict=False):
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-4)
+    for a, b in zip((p.grad, q.grad), ref[5:], strict=True):
+        torch.testing.assert_close(a.double(), b, rtol=1e-2, atol=1e-3)  # bfloat16 gradients
+
+
 def test_kl_is_inf_where_q_masks_mass_of_p_and_its_gradient_is_zero():
     p = torch.zeros(2, 4, dtype=torch.float64, requires_grad=True)
     q = torch.tensor([[0.0, 0.0, 0.0, -float("inf")], [1.0, 0.0, 0.0, 0.0]], dtype=torch.float64)

@@ -1,5 +1,10 @@
 """Fused vocab-parallel ops: log-probs, entropies and KLs over tensor-parallel vocabulary shards."""
 
-from megatron_papo.ops.vocab_parallel import full_kl, kl_estimate, log_probs_and_entropy
+from megatron_papo.ops.vocab_parallel import (
+    full_kl,
+    kl_estimate,
+    log_probs_and_entropy,
+    log_probs_entropies_and_kl,
+)
 
-__all__ = ["full_kl", "kl_estimate", "log_probs_and_entropy"]
+__all__ = ["full_kl", "kl_estimate", "log_probs_and_entropy", "log_probs_entropies_and_kl"]

@@ -6,6 +6,7 @@ Logits are sharded on the vocabulary across the tensor-parallel (TP) group: each
 
 - ``log_probs_and_entropy``: ``lp = z[target] - logZ`` and ``H = logZ - sum_v p_v z_v``;
 - ``full_kl``: ``KL(p || q) = sum_v p_v (z^p_v - z^q_v) - logZ_p + logZ_q``;
+- ``log_probs_entropies_and_kl``: both distributions' lp and H and their KL in one pass (the PAPO loss);
 - ``kl_estimate``: the per-token sample estimators k1 / k2 / k3 of the reference implementations.
 
 Forward: each chunk of tokens computes local per-token statistics (max, sum of exp relative to the local
@@ -16,10 +17,13 @@ communication (the gradients are local to each shard):
     d lp / dz_j = 1[j = target] - p_j          d H / dz_j = -p_j (log p_j + H)
     d KL / dz^p_j = p_j (log p_j - log q_j - KL)     d KL / dz^q_j = q_j - p_j
 
-so the extra memory is a few ``[chunk, vocab/tp]`` temporaries, whatever the number of tokens (the
-default chunk holds ``CHUNK_ELEMENTS`` logits). Logits may contain ``-inf`` (masked vocabulary entries);
-NaN, ``+inf``, a token with every entry masked, out-of-range token ids and unequal vocabulary shards
-are refused with the same error on every TP rank (the checks ride on the two all-reduces).
+so the extra memory is a few ``[chunk, vocab/tp]`` float32 temporaries, whatever the number of tokens (the
+default chunk holds ``CHUNK_ELEMENTS`` logits). Statistics are computed and returned in float32 (float64
+for float64 logits), also from bfloat16 logits; gradients come in the logits' dtype.
+
+Logits may contain ``-inf`` (masked vocabulary entries); NaN, ``+inf``, a token with every entry
+masked, out-of-range token ids and unequal vocabulary shards are refused with the same error on every
+TP rank (the checks ride on the two all-reduces).
 ``KL(p || q)`` is ``+inf`` where ``q`` masks an entry that ``p`` does not; such tokens get zero gradient.
 """
 
@@ -183,7 +187,7 @@ class _VocabStats(torch.autograd.Function):
         ctx.save_for_backward(p_logits, q_logits, local_t, in_shard, m_global, log_s, entropy, kl)
         ctx.temperature, ctx.chunk_size = temperature, chunk_size
         out = [lp[:, 0], entropy[:, 0]] + ([lp[:, 1], entropy[:, 1], kl] if q_logits is not None else [])
-        return tuple(x.to(p_logits.dtype) for x in out)
+        return tuple(out)  # float32 (float64 for float64 logits), even from bfloat16 logits
 
     @staticmethod
     def backward(ctx, *grads):
