@@ -314,3 +314,15 @@ def test_config_presets_and_errors():
         AlgorithmConfig(kl_prc_estimator="exact")
     with pytest.raises(ValueError, match="algorithm.gamma must be >= 0"):
         AlgorithmConfig(gamma=-1.0)
+    with pytest.raises(ValueError, match="algorithm.eta2 must be >= 0, got -1"):
+        AlgorithmConfig(eta2=-1)
+    with pytest.raises(
+        ValueError, match=r"algorithm.name must be one of \['grpo', 'dapo', 'papo_g', 'papo_d'\]"
+    ):
+        AlgorithmConfig(name="ppo")
+    with pytest.raises(ValueError, match="algorithm.kl_prc_estimator must be one of .* got 'k4'"):
+        AlgorithmConfig(kl_prc_estimator="k4")
+    with pytest.raises(ValueError, match="algorithm.loss_agg_mode must be one of"):
+        AlgorithmConfig(loss_agg_mode="token-sum")
+    with pytest.raises(ValueError, match="eps_low < 1"):
+        AlgorithmConfig(eps_low=1.5)

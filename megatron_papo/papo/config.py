@@ -20,7 +20,7 @@ micro-batches and DP ranks, instead of a mean per micro-batch).
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Literal
+from typing import Literal, get_args, get_origin, get_type_hints
 
 AlgorithmName = Literal["grpo", "dapo", "papo_g", "papo_d"]
 KLPrcEstimator = Literal["k1", "k2", "k3", "k3_inverted", "exact"]
@@ -80,14 +80,20 @@ class AlgorithmConfig:
     overlong_penalty: float = 1.0
 
     def __post_init__(self) -> None:
-        if self.name not in PRESETS:
-            raise ValueError(f"algorithm.name {self.name!r} is not one of {sorted(PRESETS)}")
+        hints = get_type_hints(type(self))
+        for f in fields(self):
+            choices = get_args(hints[f.name]) if get_origin(hints[f.name]) is Literal else ()
+            if choices and getattr(self, f.name) not in choices:
+                raise ValueError(
+                    f"algorithm.{f.name} must be one of {list(choices)}, got {getattr(self, f.name)!r}"
+                )
         for key, value in PRESETS[self.name].items():
             if getattr(self, key) is None:
                 setattr(self, key, value)
         for f in fields(self):
             value = getattr(self, f.name)
-            if isinstance(value, float) and f.name not in ("gamma_start", "gamma_end") and value < 0:
+            number = isinstance(value, int | float) and not isinstance(value, bool)
+            if number and f.name not in ("gamma_start", "gamma_end") and value < 0:
                 raise ValueError(f"algorithm.{f.name} must be >= 0, got {value}")
         if not (0 < self.eps_low < 1 and self.eps_high > 0):
             raise ValueError(
