@@ -2,8 +2,8 @@
 
 A drop-in for ``DotProductAttention`` in a layer spec when transformer-engine is absent: on GPU it runs
 the flash / memory-efficient kernels instead of megatron-core's unfused softmax(QK^T)V, which
-materialises ``[b, heads, s, s]``. Causal masking only: the policy's sequences are right-padded, so a
-causal mask already keeps real tokens from attending to padding.
+materialises ``[b, heads, s, s]`` in float32. Masks follow megatron-core: ``attention_mask`` is boolean,
+True where attention is NOT allowed, broadcastable to ``[b, 1, s_q, s_k]``.
 """
 
 from __future__ import annotations
@@ -14,9 +14,17 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+MASK_TYPES = (AttnMaskType.causal, AttnMaskType.no_mask, AttnMaskType.padding, AttnMaskType.arbitrary)
+
 
 class SDPAttention(MegatronModule):
-    """query [s, b, heads/tp, d], key / value [s, b, groups/tp, d] -> [s, b, heads/tp * d]."""
+    """query [s_q, b, heads/tp, d], key / value [s_k, b, groups/tp, d] -> [s_q, b, heads/tp * d].
+
+    ``causal``: causal attention (an ``attention_mask`` given anyway replaces the causal mask, as in
+    megatron-core's softmax); ``no_mask``: full attention; ``padding`` / ``arbitrary``: the given
+    ``attention_mask`` (required). A query row with every key masked (padding) attends to every key
+    instead of turning into NaN. Grouped-query attention is native.
+    """
 
     def __init__(
         self,
@@ -29,24 +37,42 @@ class SDPAttention(MegatronModule):
         **kwargs,
     ) -> None:
         super().__init__(config)
-        if attn_mask_type != AttnMaskType.causal:
-            raise ValueError(f"SDPAttention supports causal attention only, got {attn_mask_type}")
+        if attn_mask_type not in MASK_TYPES:
+            raise ValueError(f"SDPAttention supports attention mask types {MASK_TYPES}, got {attn_mask_type}")
+        self.attn_mask_type = attn_mask_type
         self.softmax_scale = softmax_scale
+        self.dropout = config.attention_dropout if attention_dropout is None else attention_dropout
 
     def forward(
         self,
         query: torch.Tensor,
         key: torch.Tensor,
         value: torch.Tensor,
-        attention_mask=None,
-        attn_mask_type=None,
-        attention_bias=None,
+        attention_mask: torch.Tensor | None = None,
+        attn_mask_type: AttnMaskType | None = None,
+        attention_bias: torch.Tensor | None = None,
         packed_seq_params=None,
         **kwargs,
     ) -> torch.Tensor:
+        if attention_bias is not None or packed_seq_params is not None:
+            raise NotImplementedError("SDPAttention takes neither attention_bias nor packed_seq_params")
+        mask_type = attn_mask_type or self.attn_mask_type
         s, b, heads, d = query.shape
         q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))  # [b, h, s, d]
+        allowed = None
+        if attention_mask is not None and mask_type != AttnMaskType.no_mask:
+            allowed = ~attention_mask.bool().expand(b, 1, s, key.shape[0])
+            allowed = allowed | ~allowed.any(-1, keepdim=True)  # fully masked rows: finite, not NaN
+        elif mask_type in (AttnMaskType.padding, AttnMaskType.arbitrary):
+            raise ValueError(f"attn_mask_type {mask_type} needs an attention_mask")
         out = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, scale=self.softmax_scale, enable_gqa=k.shape[1] != heads
+            q,
+            k,
+            v,
+            attn_mask=allowed,
+            dropout_p=self.dropout if self.training else 0.0,
+            is_causal=allowed is None and mask_type == AttnMaskType.causal,
+            scale=self.softmax_scale,
+            enable_gqa=k.shape[1] != heads,
         )
         return out.permute(2, 0, 1, 3).reshape(s, b, heads * d)
