@@ -11,8 +11,16 @@ masked image I_mask, lp_old the pre-update policy and A the response's advantage
     loss = agg(pg) - gamma * agg(KL_prc) + eta1 * agg(H[pi]) + eta2 * agg(H[pi_mask]) + beta * agg(k3_ref)
 
 KL_prc is *maximised* (the policy should depend on the image); the Double Entropy Loss keeps that from
-being hacked. ``agg`` is the configured aggregation (``token-mean`` by default). All inputs are
-per micro-batch on the last pipeline stage, logits vocab-parallel; nothing gathers the vocabulary.
+being hacked. gamma and the eta's are scaled by the annealing factor. ``agg`` is the configured
+aggregation (``token-mean`` by default). All inputs are per micro-batch on the last pipeline stage,
+logits vocab-parallel; nothing gathers the vocabulary.
+
+Global token-mean (``global_token_mean``): the reference averages each micro-batch on its own, so tokens
+of short micro-batches weigh more. Here the caller passes ``global_token_count``, the response tokens of
+the whole mini-batch on all DP ranks; each micro-batch's loss is its token SUM over that count, and the
+caller multiplies it by ``num_microbatches * dp_size`` to undo megatron-core's averaging (schedule and
+DDP), so the summed gradients are those of one token-mean (``tests/test_gpt_microstep.py`` checks it).
+With ``kl_prc_top_p`` the KL_prc sum over the kept tokens is then divided by all tokens, not the kept.
 """
 
 from __future__ import annotations
