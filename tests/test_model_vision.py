@@ -17,10 +17,6 @@ import torch
 from multiprocess import run_distributed
 from PIL import Image
 
-pytest.importorskip(  # until the integration: megatron_papo/models/vision.py shadows the package
-    "megatron_papo.models.vision.encoder",
-    reason="the vision package is inactive until megatron_papo/models/vision/INTEGRATION.patch is applied",
-)
 PREFIX = "model.visual."  # transformers 5's Qwen2_5_VLForConditionalGeneration.state_dict() names
 IMAGE_SIZES = [(168, 112), (56, 56), (140, 84)]  # (width, height): 2x3 windows, 1 window, 2x3 ragged
 TP_SIZES = (4, 2, 1)

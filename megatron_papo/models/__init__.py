@@ -2,7 +2,8 @@
 
 - ``config``: ``ModelConfig`` (the ``model`` section) and the megatron ``TransformerConfig`` from HF.
 - ``attention``: PyTorch SDPA as megatron-core's core attention.
-- ``vision``: the tensor-parallel vision tower.
+- ``vision``: the tensor-parallel vision tower (package).
+- ``image_tokens``: checking image placeholders against image grids.
 - ``qwen25vl``: ``Qwen25VLModel`` (vision + ``GPTModel``) and ``build_model``.
 - ``rope_index``: multimodal RoPE positions (transformers' ``get_rope_index``).
 - ``weights``: HF <-> megatron shards (``load_hf_weights``, ``export_hf_state_dict``).
@@ -12,6 +13,7 @@
 
 from megatron_papo.models.config import ModelConfig
 from megatron_papo.models.hf_directory import save_hf_directory
+from megatron_papo.models.image_tokens import check_image_tokens
 from megatron_papo.models.qwen25vl import Qwen25VLModel, build_model
 from megatron_papo.models.rope_index import mrope_position_ids
 from megatron_papo.models.weights import export_hf_state_dict, load_hf_weights
@@ -20,6 +22,7 @@ __all__ = [
     "ModelConfig",
     "Qwen25VLModel",
     "build_model",
+    "check_image_tokens",
     "export_hf_state_dict",
     "load_hf_weights",
     "mrope_position_ids",

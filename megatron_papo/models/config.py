@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from typing import Literal
@@ -13,48 +14,60 @@ from megatron.core.transformer import TransformerConfig
 from transformers import AutoConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+ATTENTION = ("auto", "sdpa", "local", "te")
 
 
 @dataclass
 class ModelConfig:
     """``hf_path``: an HF Qwen2.5-VL directory (config, weights, tokenizer, image processor).
 
-    ``attention``: ``auto`` (transformer-engine when importable, else PyTorch SDPA), ``sdpa``, ``local``
-    (megatron-core's unfused attention). ``recompute``: activation recomputation of whole layers.
+    ``attention``: ``auto`` (transformer-engine when importable and on GPU, else PyTorch SDPA), ``sdpa``,
+    ``te``, ``local`` (megatron-core's unfused attention). ``recompute``: activation recomputation of
+    whole LM layers (granularity ``full``, one layer at a time). ``sequence_parallel``: megatron-core's
+    sequence parallelism of the LM's norms and dropouts over the TP group (sequence length divisible by TP).
     """
 
     hf_path: str = "runs/tiny-qwen25vl"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     attention: Literal["auto", "sdpa", "local", "te"] = "auto"
     recompute: bool = False
+    sequence_parallel: bool = False
 
     def __post_init__(self) -> None:
         if not self.hf_path.strip():
             raise ValueError("model.hf_path must name an HF Qwen2.5-VL directory")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"model.dtype {self.dtype!r} is not one of {list(DTYPES)}")
+        if self.attention not in ATTENTION:
+            raise ValueError(f"model.attention {self.attention!r} is not one of {ATTENTION}")
 
 
 def load_hf_config(path: str):
     """The HF config at ``path``; a clear error when it is missing or not Qwen2.5-VL."""
+    if not os.path.isdir(path):
+        raise ValueError(f"model.hf_path {path}: no such directory")
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise ValueError(
             f"model.hf_path {path}: no config.json (make one with tools/make_tiny_model.py or "
             "point to a downloaded Qwen2.5-VL directory)"
         )
-    config = AutoConfig.from_pretrained(path)
-    if config.model_type != "qwen2_5_vl":
-        raise ValueError(f"{path} holds a {config.model_type!r} model; megatron-papo supports qwen2_5_vl")
-    return config
+    with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+        model_type = json.load(f).get("model_type")
+    if model_type != "qwen2_5_vl":
+        raise ValueError(f"{path} holds a {model_type!r} model; megatron-papo supports qwen2_5_vl")
+    return AutoConfig.from_pretrained(path)
 
 
 def language_config(cfg: ModelConfig, hf_config) -> TransformerConfig:
-    """The LM decoder's megatron-core config at the current TP / PP sizes."""
+    """The LM decoder's megatron-core config at the current TP / PP sizes (the vision tower's is
+    ``megatron_papo.models.vision.config.vision_transformer_config``). Raises ``ValueError`` naming the
+    count that TP or PP does not divide."""
     text = hf_config.get_text_config()
     tp = ps.get_tensor_model_parallel_world_size()
     for what, count in (
         ("attention heads", text.num_attention_heads),
         ("KV heads", text.num_key_value_heads),
         ("vocabulary entries", text.vocab_size),
-        ("vision heads", hf_config.vision_config.num_heads),
     ):
         if count % tp:
             raise ValueError(f"tensor_model_parallel_size {tp} does not divide the model's {count} {what}")
@@ -82,6 +95,7 @@ def language_config(cfg: ModelConfig, hf_config) -> TransformerConfig:
         pipeline_model_parallel_size=pp,
         pipeline_dtype=dtype,
         params_dtype=dtype,
+        sequence_parallel=cfg.sequence_parallel and tp > 1,
         bf16=dtype == torch.bfloat16,
         fp16=dtype == torch.float16,
         use_cpu_initialization=not torch.cuda.is_available(),

@@ -10,26 +10,37 @@ from __future__ import annotations
 
 import torch
 from megatron.core import parallel_state as ps
+from megatron.core import tensor_parallel
 from megatron.core.enums import ModelType
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_papo.models.attention import SDPAttention
 from megatron_papo.models.config import ModelConfig, language_config, load_hf_config
-from megatron_papo.models.vision import VisionEncoder
+from megatron_papo.models.image_tokens import check_image_tokens
+from megatron_papo.models.norm import RMSNorm
+from megatron_papo.models.vision import build_vision_encoder
 
 
-def layer_spec(attention: str):
-    """megatron-core's layer spec for the chosen attention backend."""
+def decoder_spec(attention: str, config: TransformerConfig):
+    """megatron-core's decoder spec for the chosen attention backend: transformer-engine's layer spec,
+    or the local one with ``RMSNorm`` (sequence-parallel capable) and SDPA or megatron's own attention."""
     if attention == "te" or (attention == "auto" and _have_te()):
+        if not _have_te():
+            raise ValueError("model.attention=te needs transformer-engine and a GPU; use sdpa")
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
         return get_gpt_layer_with_transformer_engine_spec()
     spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+    spec.submodules.input_layernorm = spec.submodules.pre_mlp_layernorm = RMSNorm
     if attention in ("sdpa", "auto"):
         spec.submodules.self_attention.submodules.core_attention = SDPAttention
-    return spec
+    return TransformerBlockSubmodules(
+        layer_specs=[spec] * get_num_layers_to_build(config), layer_norm=RMSNorm
+    )
 
 
 def _have_te() -> bool:
@@ -41,8 +52,14 @@ def _have_te() -> bool:
 
 
 class Qwen25VLModel(MegatronModule):
-    """forward(input_ids [b, s], position_ids [3, b, s], attention_mask [b, s], pixel_values [patches, 1176]
-    | None, image_grid_thw [images, 3] | None) -> logits [b, s, vocab/tp] (last stage) or hidden states."""
+    """One pipeline stage of Qwen2.5-VL.
+
+    forward(input_ids [b, s], position_ids [3, b, s] (multimodal RoPE), attention_mask [b, s] (1 = token,
+    right padding; the causal mask already keeps tokens from seeing the padding after them),
+    pixel_values [patches, 3*2*14*14] | None, image_grid_thw [images, 3] | None)
+    -> logits [b, s, vocab/tp] on the last stage, hidden states [s, b, hidden] elsewhere.
+    Original and masked images go through the same call (masking is in pixel space).
+    """
 
     def __init__(self, cfg: ModelConfig, hf_config, pre_process: bool, post_process: bool) -> None:
         config = language_config(cfg, hf_config)
@@ -51,11 +68,16 @@ class Qwen25VLModel(MegatronModule):
         self.hf_config = hf_config
         self.pre_process, self.post_process = pre_process, post_process
         self.image_token_id = hf_config.image_token_id
+        self.merge_size = hf_config.vision_config.spatial_merge_size
         self.model_type = ModelType.encoder_or_decoder  # what megatron-core's schedules look for
-        self.vision = VisionEncoder(config, hf_config.vision_config) if pre_process else None
+        self.vision = (
+            build_vision_encoder(hf_config.vision_config, text.hidden_size, params_dtype=config.params_dtype)
+            if pre_process
+            else None
+        )
         self.language_model = GPTModel(
             config,
-            layer_spec(cfg.attention),
+            decoder_spec(cfg.attention, config),
             vocab_size=text.vocab_size,
             max_sequence_length=text.max_position_embeddings,
             pre_process=pre_process,
@@ -71,23 +93,26 @@ class Qwen25VLModel(MegatronModule):
     def embed(
         self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None, image_grid_thw: torch.Tensor | None
     ) -> torch.Tensor:
-        """Token embeddings with image features in the placeholders: [s, b, hidden]."""
+        """Token embeddings with the image features in the placeholders: [s, b, hidden] ([s/tp, b, hidden]
+        with sequence parallelism)."""
+        check_image_tokens(input_ids, image_grid_thw, self.image_token_id, self.merge_size)
         embeddings = self.language_model.embedding(input_ids=input_ids, position_ids=None)
-        placeholders = input_ids == self.image_token_id  # [b, s]
-        count = int(placeholders.sum())
         if pixel_values is None:
-            if count:
-                raise ValueError(f"the batch has {count} image placeholder tokens but no pixel_values")
+            if image_grid_thw is not None and len(image_grid_thw):
+                raise ValueError(f"image_grid_thw {image_grid_thw.tolist()} given without pixel_values")
             return embeddings
         features = self.vision(pixel_values, image_grid_thw).to(embeddings.dtype)
-        if features.shape[0] != count:
-            raise ValueError(
-                f"the batch has {count} image placeholder tokens but its image grids "
-                f"{image_grid_thw.tolist()} give {features.shape[0]} image features"
+        sequence_parallel = self.config.sequence_parallel
+        if sequence_parallel:
+            embeddings = tensor_parallel.gather_from_sequence_parallel_region(
+                embeddings, tensor_parallel_output_grad=False
             )
         by_batch = embeddings.transpose(0, 1).clone()  # [b, s, h]: transformers fills row-major over [b, s]
-        by_batch[placeholders] = features
-        return by_batch.transpose(0, 1).contiguous()
+        by_batch[input_ids == self.image_token_id] = features
+        embeddings = by_batch.transpose(0, 1).contiguous()
+        if sequence_parallel:
+            embeddings = tensor_parallel.scatter_to_sequence_parallel_region(embeddings)
+        return embeddings
 
     def forward(
         self,
@@ -97,6 +122,14 @@ class Qwen25VLModel(MegatronModule):
         pixel_values: torch.Tensor | None = None,
         image_grid_thw: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        b, s = input_ids.shape
+        if position_ids.shape != (3, b, s):
+            raise ValueError(
+                f"position_ids must be [3, {b}, {s}] (multimodal RoPE), got {tuple(position_ids.shape)}"
+            )
+        tp = ps.get_tensor_model_parallel_world_size()
+        if self.config.sequence_parallel and s % tp:
+            raise ValueError(f"sequence parallelism needs sequence length {s} to be a multiple of TP {tp}")
         decoder_input = self.embed(input_ids, pixel_values, image_grid_thw) if self.pre_process else None
         return self.language_model(
             input_ids=None, position_ids=position_ids, attention_mask=None, decoder_input=decoder_input
@@ -106,7 +139,9 @@ class Qwen25VLModel(MegatronModule):
 def build_model(
     cfg: ModelConfig, pre_process: bool | None = None, post_process: bool | None = None
 ) -> Qwen25VLModel:
-    """This rank's stage of the policy (random weights: load them with ``load_hf_weights``)."""
+    """This rank's stage of the policy (random weights: load them with ``load_hf_weights``).
+
+    ``pre_process`` / ``post_process`` default to this rank's place in the pipeline."""
     hf_config = load_hf_config(cfg.hf_path)
     pre = ps.is_pipeline_first_stage() if pre_process is None else pre_process
     post = ps.is_pipeline_last_stage() if post_process is None else post_process

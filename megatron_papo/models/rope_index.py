@@ -7,6 +7,8 @@ from types import SimpleNamespace
 import torch
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLModel
 
+from megatron_papo.models.image_tokens import check_image_tokens
+
 
 def mrope_position_ids(
     input_ids: torch.Tensor, image_grid_thw: torch.Tensor | None, attention_mask: torch.Tensor, hf_config
@@ -15,8 +17,11 @@ def mrope_position_ids(
     count up, each image's tokens take (t, h, w) grid positions, text after an image continues after it.
 
     Calls ``Qwen2_5_VLModel.get_rope_index`` (it uses only the config), so the trainer's positions are
-    the ones transformers (and so the embedded rollout engine) uses. Padding positions are 0.
+    the ones transformers (and so the embedded rollout engine) uses. Padding positions are 0. Raises
+    ``ValueError`` when the image placeholders do not match the image grids.
     """
+    merge = hf_config.vision_config.spatial_merge_size
+    check_image_tokens(input_ids, image_grid_thw, hf_config.image_token_id, merge)
     token_types = (input_ids == hf_config.image_token_id).int()
     if image_grid_thw is None or not bool(token_types.any()):
         positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0) * attention_mask.long()

@@ -1,11 +1,16 @@
 """HF Qwen2.5-VL weights <-> this rank's megatron-core shard: the one mapping used by the conversion tool,
 the embedded rollout engine and vLLM weight sync.
 
-Each megatron parameter is described by the HF tensors it holds and how it is split over TP:
-``replicated``, ``column`` (rows split), ``row`` (columns split), ``qkv`` (LM: q/k/v fused per query
-group, megatron's layout), ``fc1`` (LM: gate and up fused per TP shard), ``vqkv`` (vision: q/k/v per
-head shard), ``patch`` (the Conv3d patch embedding as a linear map). Export gathers the shards over TP
-and streams each pipeline stage's tensors from that stage to every rank, bucket by bucket.
+Names are those of transformers' in-memory model, ``Qwen2_5_VLForConditionalGeneration.state_dict()``:
+``model.language_model.*``, ``model.visual.*``, ``lm_head.weight`` (also for tied embeddings, where it is
+the embedding matrix). Checkpoint files use the older names (``model.layers.*``, ``visual.*``, no
+``lm_head`` when tied); ``checkpoint_name`` / ``module_name`` convert, and ``HFCheckpoint`` reads both.
+
+Each LM parameter is described by the HF tensors it holds and how it is split over TP: ``replicated``,
+``column`` (rows split), ``row`` (columns split), ``qkv`` (q/k/v fused per query group, megatron's
+layout), ``fc1`` (gate and up fused per TP shard); the vision tower's tensors go through
+``megatron_papo.models.vision.weights``. Export gathers the shards over TP and streams each pipeline
+stage's tensors from that stage to every rank, bucket by bucket.
 """
 
 from __future__ import annotations
@@ -20,8 +25,29 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from safetensors import safe_open
 
-# names as in Qwen2.5-VL checkpoint files (what transformers writes to disk and vLLM loads)
-LM, VISION = "model.", "visual."
+from megatron_papo.models.vision import export_hf_vision_weights, load_hf_vision_weights
+
+LM, VISION, HEAD = "model.language_model.", "model.visual.", "lm_head.weight"
+EMBED = f"{LM}embed_tokens.weight"
+INDEX, SINGLE = "model.safetensors.index.json", "model.safetensors"
+
+
+def checkpoint_name(name: str) -> str:
+    """A ``state_dict()`` name -> its name in Qwen2.5-VL checkpoint files."""
+    if name.startswith(VISION):
+        return "visual." + name[len(VISION) :]
+    if name.startswith(LM):
+        return "model." + name[len(LM) :]
+    return name
+
+
+def module_name(name: str) -> str:
+    """A name from a checkpoint file (either convention) -> its ``state_dict()`` name."""
+    if name.startswith("visual."):
+        return "model." + name
+    if name.startswith("model.") and not name.startswith((LM, VISION)):
+        return LM + name[len("model.") :]
+    return name
 
 
 @dataclass(frozen=True)
@@ -55,63 +81,26 @@ def _lm_layer(prefix: str, hf: str, names: set[str]) -> dict[str, Entry]:
     }
 
 
-def _vision_entries(model) -> dict[str, Entry]:
-    out = {
-        "vision.patch_embed.weight": Entry((f"{VISION}patch_embed.proj.weight",), "patch"),
-        "vision.merger.ln_q.weight": Entry((f"{VISION}merger.ln_q.weight",), "replicated"),
-        "vision.merger.fc1.weight": Entry((f"{VISION}merger.mlp.0.weight",), "column"),
-        "vision.merger.fc1.bias": Entry((f"{VISION}merger.mlp.0.bias",), "column"),
-        "vision.merger.fc2.weight": Entry((f"{VISION}merger.mlp.2.weight",), "row"),
-        "vision.merger.fc2.bias": Entry((f"{VISION}merger.mlp.2.bias",), "replicated"),
-    }
-    for i in range(len(model.vision.blocks)):
-        ours, hf = f"vision.blocks.{i}.", f"{VISION}blocks.{i}."
-        out |= {
-            f"{ours}norm1.weight": Entry((f"{hf}norm1.weight",), "replicated"),
-            f"{ours}norm2.weight": Entry((f"{hf}norm2.weight",), "replicated"),
-            f"{ours}qkv.weight": Entry((f"{hf}attn.qkv.weight",), "vqkv"),
-            f"{ours}qkv.bias": Entry((f"{hf}attn.qkv.bias",), "vqkv"),
-            f"{ours}proj.weight": Entry((f"{hf}attn.proj.weight",), "row"),
-            f"{ours}proj.bias": Entry((f"{hf}attn.proj.bias",), "replicated"),
-        }
-        for name in ("gate_proj", "up_proj"):
-            out |= {
-                f"{ours}{name}.{p}": Entry((f"{hf}mlp.{name}.{p}",), "column") for p in ("weight", "bias")
-            }
-        out |= {
-            f"{ours}down_proj.weight": Entry((f"{hf}mlp.down_proj.weight",), "row"),
-            f"{ours}down_proj.bias": Entry((f"{hf}mlp.down_proj.bias",), "replicated"),
-        }
-    return out
-
-
 def parameter_map(model) -> dict[str, Entry]:
-    """Megatron parameter name (of this stage) -> its HF tensors and TP layout."""
-    names = {n for n, _ in model.named_parameters()}
-    entries: dict[str, Entry] = _vision_entries(model) if model.vision is not None else {}
+    """Megatron LM parameter name (of this stage) -> its HF tensors and TP layout. With tied embeddings
+    the last stage's output layer (a copy of the embedding) maps to ``lm_head.weight``."""
+    names = {n for n, _ in model.named_parameters() if not n.startswith("vision.")}
+    entries: dict[str, Entry] = {}
     lm = model.language_model
+    offset = lm.decoder.layers[0].layer_number - 1 if len(lm.decoder.layers) else 0
     for layer in lm.decoder.layers:
-        prefix = f"language_model.decoder.layers.{layer.layer_number - 1 - _layer_offset(lm)}."
+        prefix = f"language_model.decoder.layers.{layer.layer_number - 1 - offset}."
         entries |= _lm_layer(prefix, f"{LM}layers.{layer.layer_number - 1}.", names)
     if lm.pre_process:
-        entries["language_model.embedding.word_embeddings.weight"] = Entry(
-            (f"{LM}embed_tokens.weight",), "column"
-        )
+        entries["language_model.embedding.word_embeddings.weight"] = Entry((EMBED,), "column")
     if lm.post_process:
         entries["language_model.decoder.final_layernorm.weight"] = Entry((f"{LM}norm.weight",), "replicated")
         if "language_model.output_layer.weight" in names:
-            tied = model.hf_config.tie_word_embeddings
-            entries["language_model.output_layer.weight"] = Entry(
-                (f"{LM}embed_tokens.weight" if tied else "lm_head.weight",), "column"
-            )
+            entries["language_model.output_layer.weight"] = Entry((HEAD,), "column")
     missing = names - set(entries)
     if missing:
         raise RuntimeError(f"no HF mapping for megatron parameters {sorted(missing)[:5]}")
     return entries
-
-
-def _layer_offset(lm) -> int:
-    return lm.decoder.layers[0].layer_number - 1 if len(lm.decoder.layers) else 0
 
 
 def _lm_dims(model) -> tuple[int, int, int]:
@@ -124,16 +113,12 @@ def _to_local(model, entry: Entry, full: list[torch.Tensor]) -> torch.Tensor:
     tp, rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
     if entry.kind == "replicated":
         return full[0]
-    if entry.kind == "patch":
-        return full[0].reshape(full[0].shape[0], -1)
     if entry.kind == "column":
         return full[0].chunk(tp, dim=0)[rank]
     if entry.kind == "row":
         return full[0].chunk(tp, dim=1)[rank]
     if entry.kind == "fc1":
         return torch.cat([t.chunk(tp, dim=0)[rank] for t in full])
-    if entry.kind == "vqkv":
-        return torch.cat([t.chunk(tp, dim=0)[rank] for t in full[0].chunk(3, dim=0)])
     heads, groups, dim = _lm_dims(model)  # qkv
     q, k, v = full
     per = heads // groups
@@ -147,9 +132,6 @@ def _to_full(model, entry: Entry, shards: list[torch.Tensor]) -> list[torch.Tens
     """This parameter's shards from every TP rank -> the full HF tensors."""
     if entry.kind == "replicated":
         return [shards[0]]
-    if entry.kind == "patch":
-        v = model.vision.hf_vision
-        return [shards[0].reshape(-1, v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size)]
     if entry.kind == "column":
         return [torch.cat(shards, dim=0)]
     if entry.kind == "row":
@@ -157,9 +139,6 @@ def _to_full(model, entry: Entry, shards: list[torch.Tensor]) -> list[torch.Tens
     if entry.kind == "fc1":
         halves = [s.chunk(2, dim=0) for s in shards]
         return [torch.cat([h[0] for h in halves]), torch.cat([h[1] for h in halves])]
-    if entry.kind == "vqkv":
-        parts = [s.chunk(3, dim=0) for s in shards]
-        return [torch.cat([torch.cat([p[j] for p in parts]) for j in range(3)])]
     heads, groups, dim = _lm_dims(model)
     per = heads // groups
     fused = torch.cat(shards, dim=0).reshape(groups, (per + 2) * dim, *shards[0].shape[1:])
@@ -168,82 +147,118 @@ def _to_full(model, entry: Entry, shards: list[torch.Tensor]) -> list[torch.Tens
 
 
 class HFCheckpoint:
-    """Lazy access to the tensors of an HF safetensors directory (sharded or not)."""
+    """Lazy access, by ``state_dict()`` name, to the tensors of an HF safetensors directory (one file or
+    an index with shards; checkpoint-file or in-memory names). Every shard must exist."""
 
     def __init__(self, path: str) -> None:
-        index = os.path.join(path, "model.safetensors.index.json")
-        if os.path.exists(index):
-            with open(index, encoding="utf-8") as f:
-                weight_map = json.load(f)["weight_map"]
-        elif os.path.exists(os.path.join(path, "model.safetensors")):
-            with safe_open(os.path.join(path, "model.safetensors"), "pt") as f:
-                weight_map = {k: "model.safetensors" for k in f.keys()}  # noqa: SIM118
+        if os.path.exists(os.path.join(path, INDEX)):
+            with open(os.path.join(path, INDEX), encoding="utf-8") as f:
+                file_map = json.load(f)["weight_map"]
+        elif os.path.exists(os.path.join(path, SINGLE)):
+            with safe_open(os.path.join(path, SINGLE), "pt") as f:
+                file_map = {k: SINGLE for k in f.keys()}  # noqa: SIM118
         else:
-            raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
-        self.path, self.weight_map = path, weight_map
+            raise FileNotFoundError(f"{path}: no {SINGLE} or {INDEX}")
+        missing = sorted({f for f in file_map.values() if not os.path.isfile(os.path.join(path, f))})
+        if missing:
+            raise FileNotFoundError(f"{path}: weight shards listed in {INDEX} are missing: {missing}")
+        self.path = path
+        self.files = {module_name(k): (file, k) for k, file in file_map.items()}
 
-    def get(self, name: str) -> torch.Tensor:
-        if name not in self.weight_map:
-            raise KeyError(f"{self.path}: the checkpoint has no tensor {name!r}")
-        file = os.path.join(self.path, self.weight_map[name])
-        if not os.path.exists(file):
-            raise FileNotFoundError(f"{self.path}: shard {self.weight_map[name]} (holding {name}) is missing")
-        with safe_open(file, "pt") as f:
-            return f.get_tensor(name)
+    def __contains__(self, name: str) -> bool:
+        return name in self.files
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self.files:
+            raise KeyError(f"{self.path}: the checkpoint has no tensor {checkpoint_name(name)!r}")
+        file, stored = self.files[name]
+        with safe_open(os.path.join(self.path, file), "pt") as f:
+            return f.get_tensor(stored)
+
+
+def _check_model_type(hf_dir: str) -> None:
+    config = os.path.join(hf_dir, "config.json")
+    if os.path.isfile(config):
+        with open(config, encoding="utf-8") as f:
+            model_type = json.load(f).get("model_type")
+        if model_type != "qwen2_5_vl":
+            raise ValueError(f"{hf_dir} holds a {model_type!r} model, not qwen2_5_vl")
 
 
 @torch.no_grad()
 def load_hf_weights(model, hf_dir: str) -> None:
-    """Copy the HF weights in ``hf_dir`` into this rank's shard of ``model``."""
+    """Copy the HF weights in ``hf_dir`` into this rank's shard of ``model`` (a ``Qwen25VLModel`` stage).
+
+    Raises ``ValueError`` for a directory of another model type or a tensor of the wrong shape,
+    ``FileNotFoundError`` for missing weight files or shards, ``KeyError`` naming a missing tensor.
+    """
+    _check_model_type(hf_dir)
     checkpoint = HFCheckpoint(hf_dir)
     params = dict(model.named_parameters())
     for name, entry in parameter_map(model).items():
-        local = _to_local(model, entry, [checkpoint.get(n) for n in entry.hf])
+        hf = entry.hf
+        if hf == (HEAD,) and HEAD not in checkpoint and model.hf_config.tie_word_embeddings:
+            hf = (EMBED,)  # tied checkpoints store the embedding only
+        local = _to_local(model, entry, [checkpoint[n] for n in hf])
         if local.shape != params[name].shape:
             raise ValueError(
-                f"{hf_dir}: {entry.hf} gives {name} shape {tuple(local.shape)}, the model expects "
-                f"{tuple(params[name].shape)}"
+                f"{hf_dir}: {[checkpoint_name(n) for n in hf]} give {name} shape {tuple(local.shape)}, "
+                f"the model expects {tuple(params[name].shape)}"
             )
         params[name].copy_(local)
+    if model.vision is not None:
+        load_hf_vision_weights(model.vision, checkpoint, VISION)
 
 
 def _tp_gather(shard: torch.Tensor) -> list[torch.Tensor]:
     tp = ps.get_tensor_model_parallel_world_size()
     if tp == 1:
-        return [shard]
+        return [shard.clone()]
     shards = [torch.empty_like(shard) for _ in range(tp)]
     dist.all_gather(shards, shard.contiguous(), group=ps.get_tensor_model_parallel_group())
     return shards
 
 
+def _stage_tensors(model) -> Iterator[tuple[str, torch.Tensor]]:
+    """This stage's (name, full tensor) pairs, gathered over TP (a TP collective)."""
+    params = dict(model.named_parameters())
+    tied = bool(model.hf_config.tie_word_embeddings)
+    if model.vision is not None:
+        yield from export_hf_vision_weights(model.vision, VISION)
+    for name, entry in parameter_map(model).items():
+        full = _to_full(model, entry, _tp_gather(params[name].detach()))
+        if entry.hf == (HEAD,) and tied:
+            continue  # the embedding's copy: exported with the embedding
+        yield from zip(entry.hf, full, strict=True)
+        if entry.hf == (EMBED,) and tied:
+            yield HEAD, full[0]
+
+
 @torch.no_grad()
 def export_hf_state_dict(model, bucket_bytes: int = 256 << 20) -> Iterator[tuple[str, torch.Tensor]]:
-    """(HF name, full tensor) for every weight, on every rank, stage by stage in buckets (a collective)."""
-    params = dict(model.named_parameters())
-    local: list[tuple[str, torch.Tensor]] = []
-    for name, entry in parameter_map(model).items():
-        for hf_name, tensor in zip(entry.hf, _to_full(model, entry, _tp_gather(params[name])), strict=True):
-            if not (hf_name == f"{LM}embed_tokens.weight" and name.endswith("output_layer.weight")):
-                local.append((hf_name, tensor.detach().cpu()))
+    """(``state_dict()`` name, full CPU tensor) for every weight of the whole model, on every rank, stage
+    by stage in buckets of about ``bucket_bytes``. A collective: every rank must iterate it to the end.
+    With tied embeddings ``lm_head.weight`` is the same tensor as the embedding."""
     pp = ps.get_pipeline_model_parallel_world_size()
     if pp == 1:
-        yield from local
+        for name, tensor in _stage_tensors(model):
+            yield name, tensor.cpu()
         return
-    group = ps.get_pipeline_model_parallel_group()
-    me = ps.get_pipeline_model_parallel_rank()
+    group, me = ps.get_pipeline_model_parallel_group(), ps.get_pipeline_model_parallel_rank()
+    local = iter(_stage_tensors(model))
     for stage in range(pp):
-        buckets: list[list] = [[]]
-        if stage == me:
-            size = 0
-            for item in local:
-                if size and size + item[1].numel() * item[1].element_size() > bucket_bytes:
-                    buckets.append([])
-                    size = 0
-                buckets[-1].append(item)
-                size += item[1].numel() * item[1].element_size()
-        count = [len(buckets)]
-        dist.broadcast_object_list(count, src=dist.get_global_rank(group, stage), group=group)
-        for i in range(count[0]):
-            payload = [buckets[i] if stage == me else None]
-            dist.broadcast_object_list(payload, src=dist.get_global_rank(group, stage), group=group)
+        src = dist.get_global_rank(group, stage)
+        while True:
+            bucket: list[tuple[str, torch.Tensor]] = []
+            if stage == me:
+                size = 0
+                for name, tensor in local:
+                    bucket.append((name, tensor.cpu()))
+                    size += tensor.numel() * tensor.element_size()
+                    if size >= bucket_bytes:
+                        break
+            payload = [bucket]
+            dist.broadcast_object_list(payload, src=src, group=group)
+            if not payload[0]:
+                break
             yield from payload[0]

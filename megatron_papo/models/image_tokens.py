@@ -1,0 +1,39 @@
+"""Checking that a batch's image placeholder tokens match its image grids."""
+
+from __future__ import annotations
+
+import torch
+
+
+def check_image_tokens(
+    input_ids: torch.Tensor, image_grid_thw: torch.Tensor | None, image_token_id: int, merge_size: int
+) -> None:
+    """Raise ``ValueError`` naming the sample and image unless every run of ``image_token_id`` in
+    ``input_ids`` [b, s] holds exactly the tokens of the next images of ``image_grid_thw`` [images, 3]
+    (``t * h * w / merge_size**2`` each; images in row-major order over the batch, as transformers
+    fills them) and every image is used."""
+    sizes = [] if image_grid_thw is None else (image_grid_thw.prod(-1) // merge_size**2).tolist()
+    image = 0
+    for sample, row in enumerate((input_ids == image_token_id).tolist()):
+        run = 0
+        for is_image in [*row, False]:
+            if is_image:
+                run += 1
+                continue
+            while run > 0:
+                if image == len(sizes):
+                    raise ValueError(
+                        f"sample {sample}: {run} image placeholder tokens with no image grid left "
+                        f"(the batch has {len(sizes)} images)"
+                    )
+                if sizes[image] > run:
+                    raise ValueError(
+                        f"sample {sample}: a run of {run} image placeholder tokens, but image {image} "
+                        f"(grid {image_grid_thw[image].tolist()}) needs {sizes[image]}"
+                    )
+                run -= sizes[image]
+                image += 1
+    if image != len(sizes):
+        raise ValueError(
+            f"the batch's image placeholder tokens cover {image} images, image_grid_thw has {len(sizes)}"
+        )
