@@ -58,22 +58,28 @@ def load_hf_config(path: str):
     return AutoConfig.from_pretrained(path)
 
 
+def check_layout(hf_config, tp: int, pp: int) -> None:
+    """Raise ``ValueError`` naming the model count that the TP or PP size does not divide."""
+    text, vision = hf_config.get_text_config(), hf_config.vision_config
+    for what, count in (
+        ("attention heads", text.num_attention_heads),
+        ("KV heads", text.num_key_value_heads),
+        ("vocabulary entries", text.vocab_size),
+        ("vision attention heads", vision.num_heads),
+    ):
+        if count % tp:
+            raise ValueError(f"tensor_model_parallel_size {tp} does not divide the model's {count} {what}")
+    if text.num_hidden_layers % pp:
+        raise ValueError(f"pipeline_model_parallel_size {pp} does not divide {text.num_hidden_layers} layers")
+
+
 def language_config(cfg: ModelConfig, hf_config) -> TransformerConfig:
     """The LM decoder's megatron-core config at the current TP / PP sizes (the vision tower's is
     ``megatron_papo.models.vision.config.vision_transformer_config``). Raises ``ValueError`` naming the
     count that TP or PP does not divide."""
     text = hf_config.get_text_config()
-    tp = ps.get_tensor_model_parallel_world_size()
-    for what, count in (
-        ("attention heads", text.num_attention_heads),
-        ("KV heads", text.num_key_value_heads),
-        ("vocabulary entries", text.vocab_size),
-    ):
-        if count % tp:
-            raise ValueError(f"tensor_model_parallel_size {tp} does not divide the model's {count} {what}")
-    pp = ps.get_pipeline_model_parallel_world_size()
-    if text.num_hidden_layers % pp:
-        raise ValueError(f"pipeline_model_parallel_size {pp} does not divide {text.num_hidden_layers} layers")
+    tp, pp = ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()
+    check_layout(hf_config, tp, pp)
     dtype = DTYPES[cfg.dtype]
     rope = text.rope_parameters
     config = TransformerConfig(
