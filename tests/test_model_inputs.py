@@ -26,13 +26,19 @@ def test_image_placeholders_must_match_the_grids():
     check_image_tokens(_ids([1, *[IMAGE] * 7]), GRIDS, IMAGE, 2)  # two images back to back
     check_image_tokens(_ids([1, 2, 3]), None, IMAGE, 2)
     cases = [
-        (_ids([1, *[IMAGE] * 5, 3], [IMAGE]), "sample 0: a run of 5 image placeholder tokens, but image 0"),
+        (
+            _ids([1, *[IMAGE] * 5, 3], [IMAGE]),
+            "sample 0: a run of 5 image placeholder tokens at position 1 ends inside image 0",
+        ),
         (
             _ids([1, *[IMAGE] * 6], [IMAGE, IMAGE]),
             "sample 1: 1 image placeholder tokens with no image grid left",
         ),
         (_ids([1, *[IMAGE] * 6], [2]), "cover 1 images, image_grid_thw has 2"),
-        (_ids([IMAGE], [*[IMAGE] * 6]), "sample 0: a run of 1 image placeholder tokens, but image 0"),
+        (
+            _ids([IMAGE], [*[IMAGE] * 6]),
+            "sample 0: a run of 1 image placeholder tokens at position 0 ends inside image 0",
+        ),
     ]
     for ids, message in cases:
         with pytest.raises(ValueError, match=message):
@@ -61,7 +67,7 @@ def test_bad_model_directories_and_layouts(tmp_path):
         ModelConfig(hf_path=tiny, attention="flash")
     # the positions refuse a sample whose placeholders do not fit its image
     ids = torch.tensor([[1, hf_config.vision_start_token_id, *[hf_config.image_token_id] * 5, 2]])
-    with pytest.raises(ValueError, match="sample 0: a run of 5 image placeholder tokens"):
+    with pytest.raises(ValueError, match="sample 0: a run of 5 image placeholder tokens at position 2"):
         mrope_position_ids(ids, GRIDS[:1], torch.ones_like(ids), hf_config)
     os.remove(os.path.join(tiny, "model.safetensors"))
     with pytest.raises(FileNotFoundError, match="tiny: no model.safetensors"):
