@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 
@@ -22,7 +23,6 @@ def _train(args: argparse.Namespace) -> None:
 
 def _eval(args: argparse.Namespace) -> None:
     import json
-    import os
 
     import torch.distributed as dist
 
@@ -76,12 +76,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         args.func(args)
-    except ValueError as e:  # configuration and data errors: one clear line, not a traceback
-        from megatron_papo.config_io import ConfigError
-
-        if isinstance(e, ConfigError):
-            sys.exit(f"megatron-papo: {e}")
-        raise
+    except (ValueError, FileNotFoundError) as e:  # bad config, data or paths: one clear line
+        if os.environ.get("MEGATRON_PAPO_DEBUG"):
+            raise
+        sys.exit(f"megatron-papo: error: {e}\n(set MEGATRON_PAPO_DEBUG=1 for the traceback)")
 
 
 if __name__ == "__main__":

@@ -35,9 +35,20 @@ class TrainerConfig:
     update_batch_size: int = 128
     micro_batch_size: int = 4
     ppo_epochs: int = 1
+    exit_after_steps: int = 0  # stop this invocation after N steps with a checkpoint (SLURM time limits)
+    max_bad_steps: int = 3  # consecutive steps with a NaN/inf loss (update skipped) before the run stops
 
     def __post_init__(self) -> None:
-        for name in ("steps", "rollout_batch_size", "update_batch_size", "micro_batch_size", "ppo_epochs"):
+        if self.exit_after_steps < 0:
+            raise ValueError(f"trainer.exit_after_steps must be >= 0, got {self.exit_after_steps}")
+        for name in (
+            "steps",
+            "rollout_batch_size",
+            "update_batch_size",
+            "micro_batch_size",
+            "ppo_epochs",
+            "max_bad_steps",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"trainer.{name} must be >= 1, got {getattr(self, name)}")
         if self.rollout_batch_size % self.update_batch_size:

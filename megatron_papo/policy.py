@@ -95,17 +95,28 @@ class Policy:
         return run_schedule(self.ref_model if ref else self.model, batches, loss_fn, forward_only=True)
 
     def train_step(self, batches: list[Batch], loss_fn: LossFn) -> dict[str, float]:
-        """One optimizer step over ``batches``; the averaged loss metrics (last stage), grad norm and LR."""
+        """One optimizer step over ``batches``: averaged loss metrics (last stage), grad norm and LR.
+
+        A non-finite loss on any rank skips the step on every rank (``actor/update_skipped`` = 1).
+        """
         for chunk in self.model:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
         outputs = run_schedule(self.model, batches, loss_fn, forward_only=False)
+        bad = torch.tensor(
+            [float(any(not torch.isfinite(torch.as_tensor(o["actor/loss"])) for o in outputs))]
+        )
+        torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
+        metrics = {
+            k: sum(float(o[k]) for o in outputs) / len(outputs) for k in (outputs[0] if outputs else {})
+        }
+        if bad.item():
+            for chunk in self.model:
+                chunk.zero_grad_buffer()
+            self.optimizer.zero_grad()
+            return metrics | {"actor/update_skipped": 1.0}
         ok, grad_norm, _ = self.optimizer.step()
         self.scheduler.step(increment=1)
-        metrics = {
-            k: float(sum(float(o[k]) for o in outputs) / len(outputs))
-            for k in (outputs[0] if outputs else {})
-        }
         metrics["actor/grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
         metrics["actor/lr"] = float(self.optimizer.param_groups[0]["lr"])
         metrics["actor/update_skipped"] = float(not ok)

@@ -11,7 +11,6 @@ class ParallelConfig:
 
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
-    sequence_parallel: bool = False
     backend: str = "auto"  # "auto": nccl with CUDA, gloo without; or "nccl" / "gloo"
     timeout_minutes: int = 30
 

@@ -17,17 +17,9 @@ from collections.abc import Iterable
 import torch
 from transformers import AutoConfig, Qwen2_5_VLForConditionalGeneration
 
+from megatron_papo.models.weights import module_name
 from megatron_papo.rollout.config import RolloutConfig
 from megatron_papo.rollout.engine import Rollout, RolloutRequest
-
-
-def module_name(file_name: str) -> str:
-    """A checkpoint-file tensor name -> the name in transformers' in-memory Qwen2.5-VL module."""
-    if file_name.startswith("visual."):
-        return "model." + file_name
-    if file_name.startswith("model.") and not file_name.startswith("model.language_model."):
-        return "model.language_model." + file_name[len("model.") :]
-    return file_name
 
 
 class EmbeddedEngine:
@@ -57,7 +49,7 @@ class EmbeddedEngine:
         ]
 
     def sync_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Load (name, tensor) pairs named as in checkpoint files (``model.layers.*``, ``visual.*``)."""
+        """Load (name, tensor) pairs named as in HF checkpoint files (either convention) or ``state_dict()``."""
         params = self.model.state_dict()
         seen = set()
         for file_name, tensor in named_tensors:

@@ -17,6 +17,7 @@ from megatron.core import parallel_state as ps
 from megatron_papo.config import TrainConfig
 from megatron_papo.config_io import to_dict
 from megatron_papo.evaluate import evaluate
+from megatron_papo.models.config import load_hf_config
 from megatron_papo.parallel import initialize_distributed
 from megatron_papo.policy import Policy
 from megatron_papo.training.checkpointing import latest_step, load_checkpoint, save_checkpoint
@@ -43,6 +44,7 @@ class TrainingLoop:
 
     def __init__(self, cfg: TrainConfig) -> None:
         self.cfg = cfg
+        load_hf_config(cfg.model.hf_path)  # a wrong model path fails before any heavy work
         initialize_distributed(cfg.parallel, seed=cfg.trainer.seed)
         self.dp_rank, self.dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
         self.out_dir = cfg.trainer.output_dir
@@ -94,20 +96,39 @@ class TrainingLoop:
             f"{os.path.abspath(self.out_dir)}"
         )
         stop = False
+        bad_steps = 0
+        first = self.step
         while self.step < cfg.trainer.steps and not stop:
             self.step += 1
             metrics = self.train_step()
             last = self.step == cfg.trainer.steps
+            exiting = cfg.trainer.exit_after_steps and self.step - first == cfg.trainer.exit_after_steps
+            if exiting and not last:
+                self.log(
+                    f"step {self.step}: trainer.exit_after_steps={cfg.trainer.exit_after_steps} reached; "
+                    "resume with --resume"
+                )
+                stop = True
             if cfg.eval.interval and (self.step % cfg.eval.interval == 0 or last):
                 metrics |= evaluate(cfg, self.policy, seed=cfg.trainer.seed)
             metrics = average_over_ranks(metrics)
-            stop = self.after_step(metrics)
+            stop = self.after_step(metrics) or stop
             if self.metrics is not None:
                 self.metrics.log(self.step, metrics)
+            bad_steps = bad_steps + 1 if metrics.get("actor/update_skipped") == 1.0 else 0
+            if bad_steps:
+                self.log(f"step {self.step}: non-finite loss, update skipped ({bad_steps} in a row)")
+            if bad_steps >= cfg.trainer.max_bad_steps:
+                self.save()
+                raise RuntimeError(
+                    f"{bad_steps} consecutive steps with a non-finite loss (trainer.max_bad_steps="
+                    f"{cfg.trainer.max_bad_steps}); stopping at step {self.step}"
+                )
             interval = cfg.checkpoint.save_interval
             if (interval and self.step % interval == 0) or last or stop:
                 self.save()
-        self.finish()
+        if self.step == cfg.trainer.steps:
+            self.finish()
         if self.metrics is not None:
             self.metrics.message(
                 f"done: metrics {self.metrics.jsonl_path}, TensorBoard {self.metrics.tb_dir}, "
@@ -116,7 +137,7 @@ class TrainingLoop:
             self.metrics.close()
 
     def finish(self) -> None:
-        """Called once after the last step (all ranks)."""
+        """Called once when the last step is done (all ranks)."""
 
     def log(self, text: str) -> None:
         if dist.get_rank() == 0:
