@@ -13,12 +13,16 @@ def _add_run_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. trainer.steps=3")
 
 
-def _train(args: argparse.Namespace) -> None:
+def _run_loop(args: argparse.Namespace) -> None:
     from megatron_papo.config import load_train_config
-    from megatron_papo.trainer import Trainer
+
+    if args.command == "sft":
+        from megatron_papo.sft import SFTTrainer as Loop
+    else:
+        from megatron_papo.trainer import Trainer as Loop
 
     overrides = list(args.overrides) + (["checkpoint.resume=true"] if args.resume else [])
-    Trainer(load_train_config(args.config, overrides)).run()
+    Loop(load_train_config(args.config, overrides)).run()
 
 
 def _eval(args: argparse.Namespace) -> None:
@@ -55,10 +59,14 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="megatron-papo", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    train = sub.add_parser("train", help="PAPO / GRPO / DAPO training")
-    _add_run_args(train)
-    train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
-    train.set_defaults(func=_train)
+    for name, text in (
+        ("train", "PAPO / GRPO / DAPO training"),
+        ("sft", "supervised warm start on the reference solutions (exports an HF directory)"),
+    ):
+        loop = sub.add_parser(name, help=text)
+        _add_run_args(loop)
+        loop.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+        loop.set_defaults(func=_run_loop)
 
     ev = sub.add_parser("eval", help="test accuracy with original and masked images")
     _add_run_args(ev)

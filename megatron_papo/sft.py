@@ -72,7 +72,8 @@ class SFTTrainer(TrainingLoop):
         def loss_fn(batch, logits):
             lp, _ = self.policy.log_probs(logits, batch["labels"])
             nll = -(lp * batch["loss_mask"]).sum()
-            return nll * scale, {"sft/loss": nll.detach() / batch["loss_mask"].sum().clamp(min=1)}
+            # "actor/loss": the key Policy.train_step checks for a non-finite loss
+            return nll * scale, {"actor/loss": nll.detach() / batch["loss_mask"].sum().clamp(min=1)}
 
         metrics = self.policy.train_step(batches, loss_fn)
         elapsed = time.monotonic() - start
