@@ -17,6 +17,7 @@ setup(
         "safetensors>=0.4",
         "webdataset==1.0.2",
         "math-verify==0.9.0",
+        "pyarrow>=14",
         "pillow>=10",
         "numpy>=1.24",
         "pyyaml>=6",

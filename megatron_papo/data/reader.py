@@ -7,7 +7,8 @@ The state dict holds the global index of the next prompt to hand out, so a resum
 without repeats or gaps; the trainer saves one state per DP rank (ranks may differ by skipped samples).
 
 Bad samples raise ``BadSampleError`` (shard and key in the message), or with ``data.skip_bad_samples``
-are logged, counted in ``skipped`` and passed over.
+are logged, counted in ``skipped`` and passed over. A loader worker does not raise: it hands the error to
+the main process as an item, which raises it as it was (torch would re-wrap it as a ``RuntimeError``).
 """
 
 from __future__ import annotations
@@ -24,7 +25,14 @@ from megatron_papo.data.config import DataConfig
 from megatron_papo.data.encode import EncodedPrompt, encode_prompt
 from megatron_papo.data.manifest import Manifest, open_source
 from megatron_papo.data.order import buffer_permutation, rank_range, rank_segments, worker_indices
-from megatron_papo.data.records import BadSampleError, PromptSample, RawSample, decode_sample, read_shard
+from megatron_papo.data.records import (
+    BadSampleError,
+    DataError,
+    PromptSample,
+    RawSample,
+    decode_sample,
+    read_shard,
+)
 
 logger = logging.getLogger(__name__)
 Encoder = Callable[[PromptSample], EncodedPrompt]
@@ -40,6 +48,11 @@ class _Skipped:
 class _Delivered:
     index: int
     prompt: EncodedPrompt
+
+
+@dataclass
+class _Failed:
+    error: DataError
 
 
 class RankStream(IterableDataset):
@@ -60,16 +73,20 @@ class RankStream(IterableDataset):
         lo, hi = rank_range(manifest.num_samples, dp_rank, dp_size)
         self.per_epoch = hi - lo
 
-    def __iter__(self) -> Iterator[_Delivered | _Skipped]:
+    def __iter__(self) -> Iterator[_Delivered | _Skipped | _Failed]:
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         epoch = self.start // self.per_epoch
-        while self.stop is None or epoch * self.per_epoch < self.stop:
-            base = epoch * self.per_epoch
-            hi = base + self.per_epoch if self.stop is None else min(base + self.per_epoch, self.stop)
-            mine = worker_indices(self.start, base, hi, worker, num_workers)
-            yield from self._epoch(epoch, np.arange(mine.start, mine.stop, mine.step, dtype=np.int64) - base)
-            epoch += 1
+        try:
+            while self.stop is None or epoch * self.per_epoch < self.stop:
+                base = epoch * self.per_epoch
+                hi = base + self.per_epoch if self.stop is None else min(base + self.per_epoch, self.stop)
+                mine = worker_indices(self.start, base, hi, worker, num_workers)
+                positions = np.arange(mine.start, mine.stop, mine.step, dtype=np.int64) - base
+                yield from self._epoch(epoch, positions)
+                epoch += 1
+        except DataError as e:
+            yield _Failed(e)
 
     def _epoch(self, epoch: int, positions: np.ndarray) -> Iterator[_Delivered | _Skipped]:
         """Produce the given positions of ``epoch`` (sorted), reading each needed sample once."""
@@ -182,6 +199,8 @@ class PromptLoader:
             prefetch_factor=self.cfg.prefetch_factor if workers else None,
         )
         for item in loader:
+            if isinstance(item, _Failed):
+                raise item.error
             if item.index != self._next:
                 raise RuntimeError(f"data loader out of order: got index {item.index}, expected {self._next}")
             self._next += 1

@@ -140,7 +140,7 @@ def convert_rows(
     """Write the rows of ``inputs`` through ``writer``; return (manifest path, rows skipped).
 
     A bad row raises naming its file and line, and nothing is published (no manifest); with ``skip_bad``
-    it is logged and counted instead.
+    it is logged and counted instead, and the manifest records the count (``rows_skipped``).
     """
     skipped = 0
     with writer:
@@ -154,4 +154,5 @@ def convert_rows(
                         raise DataError(f"{location}: {e}") from e
                     skipped += 1
                     logger.warning("skipped %s: %s (%d skipped so far)", location, e, skipped)
+        writer.manifest_extra["rows_skipped"] = skipped
         return writer.close(), skipped

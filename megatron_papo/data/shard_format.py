@@ -72,6 +72,14 @@ class ShardSample:
                 raise ValueError(f"field {name!r} must be a non-empty string, got {value!r}")
         if self.answer_type not in ANSWER_TYPES:
             raise ValueError(f"answer_type {self.answer_type!r} is not one of {ANSWER_TYPES}")
+        if not isinstance(self.source, str):
+            raise ValueError(f"field 'source' must be a string, got {self.source!r}")
+        if self.vision_dependent is not None and not isinstance(self.vision_dependent, bool):
+            raise ValueError(
+                f"field 'vision_dependent' must be true, false or null, got {self.vision_dependent!r}"
+            )
+        if self.solution is not None and not isinstance(self.solution, str):
+            raise ValueError(f"field 'solution' must be a string or null, got {self.solution!r}")
         if not self.images:
             raise ValueError("no images (PAPO needs at least one image per prompt)")
         if self.masked_images and len(self.masked_images) != len(self.images):
