@@ -96,7 +96,11 @@ def load_manifest(path: str) -> Manifest:
 
 
 def count_shard(path: str) -> int:
-    """Number of samples (consecutive runs of one key) in a ``.tar`` shard, from its headers only."""
+    """Number of samples (consecutive runs of one key) in a ``.tar`` shard, from its headers only.
+
+    A tar that stops without its end-of-archive blocks (two zero blocks) was cut short: Python's tarfile
+    would end the listing there without a word, so this raises naming the shard.
+    """
     keys = 0
     previous = None
     try:
@@ -108,8 +112,17 @@ def count_shard(path: str) -> int:
                 if prefix is not None and prefix != previous:
                     keys += 1
                     previous = prefix
+            end = tar.offset
+        with open(path, "rb") as f:
+            f.seek(end)
+            marker = f.read(2 * tarfile.BLOCKSIZE)
     except (OSError, tarfile.TarError) as e:
         raise DataError(f"shard {path}: cannot read tar headers ({type(e).__name__}: {e})") from e
+    if len(marker) < 2 * tarfile.BLOCKSIZE or marker.strip(b"\0"):
+        raise DataError(
+            f"shard {path}: the tar stops after {keys} samples (last key {previous!r}) without its "
+            "end-of-archive blocks: truncated"
+        )
     return keys
 
 
