@@ -12,6 +12,7 @@ import threading
 
 from math_verify import parse, verify
 
+from megatron_papo.data.shard_format import ANSWER_TYPES
 from megatron_papo.rewards.boxed import last_boxed
 
 _TEXT_WRAPPER = re.compile(r"\\(?:text|textbf|mathrm|mathbf|operatorname)\{([^{}]*)\}")
@@ -42,6 +43,8 @@ def math_equal(prediction: str, reference: str) -> bool:
 
 def grade_answer(prediction: str, reference: str, answer_type: str) -> bool:
     """Whether ``prediction`` (a boxed content) answers ``reference`` (itself maybe ``\\boxed{}``)."""
+    if answer_type not in ANSWER_TYPES:
+        raise ValueError(f"unknown answer_type {answer_type!r}; use one of {ANSWER_TYPES}")
     reference = last_boxed(reference) or reference
     pred, gold = normalize_text(prediction), normalize_text(reference)
     if not pred:
@@ -51,8 +54,6 @@ def grade_answer(prediction: str, reference: str, answer_type: str) -> bool:
         return letters[0] == letters[1] if None not in letters else pred == gold
     if answer_type == "exact" or pred == gold:
         return pred == gold
-    if answer_type != "math":
-        raise ValueError(f"unknown answer_type {answer_type!r}; use 'math', 'choice' or 'exact'")
     if _WORDS.fullmatch(gold) and len(gold) > 1:
         return False  # plain words: math-verify would read "red" as r*e*d and accept "der"
     return math_equal(prediction, reference)

@@ -66,8 +66,10 @@ def _import_function(spec: str) -> Callable:
             file_spec.loader.exec_module(module)
         else:
             module = importlib.import_module(module_name)
-    except ImportError as e:
-        raise ValueError(f"reward.function {spec!r}: cannot import {module_name} ({e})") from e
+    except Exception as e:  # a missing module, or any error the user's module raises while loading
+        raise ValueError(
+            f"reward.function {spec!r}: cannot import {module_name} ({type(e).__name__}: {e})"
+        ) from e
     fn = getattr(module, attr, None)
     if not callable(fn):
         raise ValueError(f"reward.function {spec!r}: {module_name} has no callable {attr!r}")
