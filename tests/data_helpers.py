@@ -12,9 +12,12 @@ import numpy as np
 from PIL import Image
 
 from megatron_papo.data.config import DataConfig
+from megatron_papo.data.manifest import load_manifest
+from megatron_papo.data.records import PromptSample, decode_sample, read_shard
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
 import make_shards  # noqa: E402
+import make_synthetic  # noqa: E402, F401
 
 # tiny images keep preprocessing cheap: min/max pixels that bracket them, see ``data_config``
 IMAGE_SIZES = [(30, 20), (45, 60), (70, 28), (33, 90)]
@@ -58,6 +61,15 @@ def make_dataset(folder: str, count: int, samples_per_shard: int) -> str:
     rows = write_rows(folder, count)
     out = os.path.join(folder, "shards")
     return make_shards.main([rows, "--out", out, "--max-samples", str(samples_per_shard)])
+
+
+def read_samples(manifest_path: str) -> list[PromptSample]:
+    """Every sample of a data set, decoded, in manifest order."""
+    return [
+        decode_sample(raw)
+        for shard in load_manifest(manifest_path).shards
+        for raw in read_shard(shard.path, 0, shard.num_samples, shard.num_samples, skip_bad=False)
+    ]
 
 
 def tiny_processor_dir(folder: str) -> str:

@@ -13,7 +13,7 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLIm
 
 from megatron_papo.data.config import DataConfig
 from megatron_papo.data.encode import encode_prompt
-from megatron_papo.data.records import BadSampleError, decode_sample, read_shard
+from megatron_papo.data.records import BadSampleError
 from megatron_papo.data.shard_format import ShardSample
 from megatron_papo.data.shard_writer import ShardWriter
 
@@ -57,8 +57,8 @@ def env(tmp_path_factory):
             ]
             writer.write(ShardSample(f"s{i}", prompt, "1", images))
             sources.append(images)
-        shard = writer.close().replace("manifest.json", "shard-000000.tar")
-    samples = [decode_sample(raw) for raw in read_shard(shard, 0, len(SAMPLES), len(SAMPLES), False)]
+        manifest = writer.close()
+    samples = read_samples(manifest)
     return samples, sources, AutoTokenizer.from_pretrained(hf), AutoImageProcessor.from_pretrained(hf)
 
 

@@ -7,25 +7,15 @@ import os
 import tarfile
 
 import pytest
-from data_helpers import make_shards, png_bytes, random_image, write_rows
+from data_helpers import make_shards, png_bytes, random_image, read_samples, write_rows
 from PIL import Image
 
 from megatron_papo.data.manifest import load_manifest
-from megatron_papo.data.records import decode_sample, read_shard
 
 
 def _tar_members(path: str) -> dict[str, bytes]:
     with tarfile.open(path) as tar:
         return {m.name: tar.extractfile(m).read() for m in tar}
-
-
-def _samples(manifest_path: str) -> list:
-    """Every sample of the data set, decoded, in manifest order."""
-    out = []
-    for shard in load_manifest(manifest_path).shards:
-        raws = read_shard(shard.path, 0, shard.num_samples, shard.num_samples, skip_bad=False)
-        out += [decode_sample(raw) for raw in raws]
-    return out
 
 
 def test_jsonl_rows_to_shards_of_the_target_size(tmp_path):
@@ -42,7 +32,7 @@ def test_jsonl_rows_to_shards_of_the_target_size(tmp_path):
     names = ["manifest.json"] + [f"shard-{i:06d}.tar" for i in range(len(manifest.shards))]
     assert sorted(os.listdir(tmp_path / "out")) == names
 
-    samples = _samples(manifest_path)
+    samples = read_samples(manifest_path)
     assert [s.uid for s in samples] == [f"q{i}" for i in range(23)]
     for i, (sample, line) in enumerate(zip(samples, open(rows).read().splitlines(), strict=True)):
         row = json.loads(line)
@@ -85,7 +75,7 @@ def test_parquet_rows_with_bytes_uris_and_labels(tmp_path):
         inputs + ["--out", str(tmp_path / "out"), "--virl39k", "--source", "virl"]
     )
 
-    samples = _samples(manifest_path)
+    samples = read_samples(manifest_path)
     assert [s.uid for s in samples] == ["v0", "v1", "v2"]
     assert [s.answer for s in samples] == ["B", "\\frac{1}{2}", "7"]
     assert [s.answer_type for s in samples] == ["choice", "math", "math"]
@@ -124,7 +114,7 @@ def test_a_bad_row_publishes_nothing_or_is_counted_when_skipping(tmp_path, caplo
 
     manifest_path = make_shards.main([rows, "--out", str(out), "--overwrite", "--skip-bad"])
     assert json.loads(open(manifest_path).read())["rows_skipped"] == 1
-    assert [s.uid for s in _samples(manifest_path)] == [f"q{i}" for i in range(9) if i != 6]
+    assert [s.uid for s in read_samples(manifest_path)] == [f"q{i}" for i in range(9) if i != 6]
     assert "line 7" in caplog.text and "1 skipped so far" in caplog.text
 
 
