@@ -33,39 +33,14 @@ PUBLISHED_BILLIONS = {
 SIDE, MBS, SEQ = 8, 2, 64  # an 8x8-patch image (16 LM tokens) per sequence
 
 
-def _hf_config(arch: ModelArch):
-    from transformers import Qwen2_5_VLConfig
-
-    lm, vis = arch.language, arch.vision
-    return Qwen2_5_VLConfig(
-        text_config=dict(
-            vocab_size=lm.vocab_size,
-            hidden_size=lm.hidden_size,
-            intermediate_size=lm.ffn_hidden_size,
-            num_hidden_layers=lm.num_layers,
-            num_attention_heads=lm.num_heads,
-            num_key_value_heads=lm.num_kv_heads,
-            tie_word_embeddings=lm.tie_embeddings,
-            rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]},
-        ),
-        vision_config=dict(
-            depth=vis.depth,
-            hidden_size=vis.hidden_size,
-            intermediate_size=vis.ffn_hidden_size,
-            num_heads=vis.num_heads,
-            out_hidden_size=vis.out_hidden_size,
-        ),
-        tie_word_embeddings=lm.tie_embeddings,
-    )
-
-
 @pytest.mark.parametrize("name", list(QWEN2_5_VL))
 def test_parameter_counts_match_transformers(name):
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     arch = get_model(name)
     with torch.device("meta"):
-        model = Qwen2_5_VLForConditionalGeneration._from_config(_hf_config(arch))
+        model = Qwen2_5_VLForConditionalGeneration._from_config(arch.to_hf_config())
+    assert ModelArch.from_hf_config(name, arch.to_hf_config()) == arch
     assert arch.params(1) == sum(p.numel() for p in model.parameters())
     assert arch.params(1) / 1e9 == pytest.approx(PUBLISHED_BILLIONS[name], rel=0.005)  # model cards round
     # the pipeline stages hold the model once, plus the last stage's copy of a tied embedding

@@ -13,5 +13,5 @@ class RMSNorm(torch.nn.RMSNorm):
     norm refuses sequence parallelism without transformer-engine or Apex."""
 
     def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-5, **kwargs) -> None:
-        super().__init__(hidden_size, eps=eps)
+        super().__init__(hidden_size, eps=eps, dtype=config.params_dtype)  # as the layers' weights
         self.weight.sequence_parallel = config.sequence_parallel

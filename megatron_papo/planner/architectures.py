@@ -10,7 +10,7 @@ everything (vision tower included) splits evenly over TP or the layout is refuse
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 
 @dataclass(frozen=True)
@@ -77,6 +77,8 @@ class VisionArch:
     temporal_patch_size: int = 2
     spatial_merge_size: int = 2
     in_channels: int = 3
+    window_size: int = 112  # pixels: the side of a windowed-attention block's window
+    fullatt_block_indexes: tuple[int, ...] = (7, 15, 23, 31)  # blocks attending over the whole image
 
     @property
     def merge_hidden(self) -> int:
@@ -173,27 +175,61 @@ class ModelArch:
         """The architecture of a transformers ``Qwen2_5_VLConfig`` (e.g. a local model directory's)."""
         text, vis = hf_config.get_text_config(), hf_config.vision_config
         language = LanguageArch(
-            num_layers=text.num_hidden_layers,
-            hidden_size=text.hidden_size,
-            num_heads=text.num_attention_heads,
-            num_kv_heads=text.num_key_value_heads,
-            ffn_hidden_size=text.intermediate_size,
-            vocab_size=text.vocab_size,
+            **{ours: getattr(text, theirs) for ours, theirs in _LANGUAGE_HF.items()},
             tie_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False) or text.tie_word_embeddings),
             head_dim=getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads,
         )
-        vision = VisionArch(
-            depth=vis.depth,
-            hidden_size=vis.hidden_size,
-            num_heads=vis.num_heads,
-            ffn_hidden_size=vis.intermediate_size,
-            out_hidden_size=vis.out_hidden_size,
-            patch_size=vis.patch_size,
-            temporal_patch_size=vis.temporal_patch_size,
-            spatial_merge_size=vis.spatial_merge_size,
-            in_channels=vis.in_channels,
+        vision = VisionArch(**{ours: getattr(vis, theirs) for ours, theirs in _VISION_HF.items()})
+        return cls(name, language, replace(vision, fullatt_block_indexes=tuple(vision.fullatt_block_indexes)))
+
+    def to_hf_config(self):
+        """A transformers ``Qwen2_5_VLConfig`` of this architecture (for random-weight models). The special
+        tokens take the last ids of the vocabulary: image, video, vision start, vision end, EOS, padding
+        (also BOS)."""
+        from transformers import Qwen2_5_VLConfig
+
+        lm, top = self.language, self.language.vocab_size
+        half = lm.head_dim // 2  # rotary frequencies, split over (temporal, height, width) as Qwen's
+        mrope = [half // 4, (half - half // 4) // 2, half - half // 4 - (half - half // 4) // 2]
+        text = {theirs: getattr(lm, ours) for ours, theirs in _LANGUAGE_HF.items()}
+        text |= dict(
+            tie_word_embeddings=lm.tie_embeddings,
+            rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": mrope},
+            eos_token_id=top - 5,
+            pad_token_id=top - 6,
+            bos_token_id=top - 6,
         )
-        return cls(name, language, vision)
+        ids = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
+        return Qwen2_5_VLConfig(
+            text_config=text,
+            vision_config={theirs: getattr(self.vision, ours) for ours, theirs in _VISION_HF.items()},
+            tie_word_embeddings=lm.tie_embeddings,
+            **{key: top - 1 - i for i, key in enumerate(ids)},
+        )
+
+
+# our field -> transformers' Qwen2.5-VL config field
+_LANGUAGE_HF = {
+    "num_layers": "num_hidden_layers",
+    "hidden_size": "hidden_size",
+    "num_heads": "num_attention_heads",
+    "num_kv_heads": "num_key_value_heads",
+    "ffn_hidden_size": "intermediate_size",
+    "vocab_size": "vocab_size",
+}
+_VISION_HF = {
+    "depth": "depth",
+    "hidden_size": "hidden_size",
+    "num_heads": "num_heads",
+    "ffn_hidden_size": "intermediate_size",
+    "out_hidden_size": "out_hidden_size",
+    "patch_size": "patch_size",
+    "temporal_patch_size": "temporal_patch_size",
+    "spatial_merge_size": "spatial_merge_size",
+    "in_channels": "in_channels",
+    "window_size": "window_size",
+    "fullatt_block_indexes": "fullatt_block_indexes",
+}
 
 
 def _qwen2_5_vl(name: str, language: LanguageArch) -> ModelArch:

@@ -1,0 +1,389 @@
+"""A PAPO training step against a GRPO step on the same batch: tokens/s, MFU, peak memory and ratios.
+
+Real code throughout. The policy is built as the trainer builds it (``Policy``: megatron-core
+Qwen2.5-VL at the launch's TP x PP, megatron DDP, megatron-core Adam), with random weights of the
+``--size`` architecture. A step is the trainer's own passes on one synthetic batch of image + text
+sequences: ``Trainer._compute_token_data`` (old log-probs; the masked-image log-probs of PAPO's reference
+default; the reference model's with ``--ref-kl``), then ``Trainer._update`` (forward + backward with the
+PAPO loss through megatron-core's schedules, one optimizer step). Rollout and weight sync are not timed.
+
+Variants, timed in turn in every iteration of one run (median over iterations, each time the slowest
+rank's): ``grpo``; ``papo`` (PAPO-G, masked log-probs without gradient: one extra forward-only pass);
+``papo+masked_grad`` (the update carries original and masked images in a doubled micro-batch instead).
+Ratios are each variant's step time over ``grpo``'s.
+
+MFU: model FLOPs of the step (``megatron_papo.planner.flops``: a forward for each log-prob pass, three
+for the update) over time x ranks x peak. Peak: ``--peak-tflops`` per rank (default on CUDA: H100 bf16
+dense, 989), on CPU a measured large matmul in the bench's dtype, run on all ranks at once. ``mfu_update``
+is the forward + backward alone. Peak memory, the largest rank's: ``torch.cuda.max_memory_allocated``,
+on CPU the resident set's high-water mark (``VmHWM``, reset before each variant).
+
+    python bench/step.py --size tiny                                    # CPU, seconds
+    torchrun --nproc_per_node 2 bench/step.py --size tiny               # gloo, DP=2 (or --tp 2, --pp 2)
+    python bench/step.py --size 3b --seq-length 2048                    # one GPU, bfloat16
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from dataclasses import fields
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+
+from megatron_papo.config import TrainConfig, TrainerConfig
+from megatron_papo.models import ModelConfig, build_model
+from megatron_papo.papo.config import AlgorithmConfig
+from megatron_papo.parallel import ParallelConfig, destroy_distributed, initialize_distributed
+from megatron_papo.planner.architectures import QWEN2_5_VL, LanguageArch, ModelArch, VisionArch
+from megatron_papo.planner.flops import language_forward_flops, vision_forward_flops
+from megatron_papo.policy import Policy
+from megatron_papo.rollout.config import RolloutConfig
+from megatron_papo.trainer import Trainer
+from megatron_papo.training.optimizer import OptimizerConfig
+from megatron_papo.training.sequences import StepSequences, build_sequences
+
+MIB = 2**20
+H100_BF16_DENSE_TFLOPS = 989.0
+SIZES = {
+    # the tiny model of tools/make_tiny_model.py (~0.6M parameters)
+    "tiny": ModelArch(
+        "tiny",
+        LanguageArch(2, 128, 4, 2, 256, 512, tie_embeddings=True, head_dim=32),
+        VisionArch(2, 64, 2, 128, 128, window_size=56, fullatt_block_indexes=(1,)),
+    ),
+    "3b": QWEN2_5_VL["qwen2_5_vl_3b"],
+}
+DEFAULTS = {"tiny": dict(seq_length=256, image_size=56), "3b": dict(seq_length=2048, image_size=448)}
+PROMPT_TEXT = 32  # text tokens of a prompt after its image; the response fills the rest
+HEADER = (
+    "variant",
+    "step_ms",
+    "logprob_ms",
+    "update_ms",
+    "tokens/s",
+    "mfu_step",
+    "mfu_update",
+    "peak_MiB",
+    "vs_grpo",
+)
+
+
+class RandomPolicy(Policy):
+    """``Policy`` with the random weights the model is built with (nothing loaded), on the GPU if any
+    (as Megatron-LM's ``get_model``: norms, the patch embedding and rotary buffers are built on the CPU)."""
+
+    def _build_loaded(self) -> torch.nn.Module:
+        model = build_model(self.cfg.model)
+        return model.cuda() if torch.cuda.is_available() else model
+
+
+class StepBench(Trainer):
+    """The trainer's log-prob and update passes over a given batch (``TrainingLoop.__init__``, which
+    reads data and writes metrics, is not run)."""
+
+    def __init__(self, cfg: TrainConfig, policy: Policy) -> None:
+        self.cfg, self.policy, self.step = cfg, policy, 1
+        self.dp_rank, self.dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+        self.update_prompts_per_rank = self.per_rank(cfg.trainer.update_batch_size, 1, "update_batch_size")
+
+    def timed_step(self, seqs: StepSequences) -> tuple[float, float]:
+        """Seconds of the log-prob passes and of the update (this rank, ranks started together)."""
+        seqs.token_data.clear()
+        dist.barrier()
+        start = _synchronized_time()
+        self._compute_token_data(seqs)
+        middle = _synchronized_time()
+        self._update(seqs)
+        return middle - start, _synchronized_time() - middle
+
+
+def to_device(seqs: StepSequences, device: str) -> StepSequences:
+    """``seqs`` with every tensor (also inside its lists and dicts) on ``device``."""
+
+    def move(x):
+        if isinstance(x, torch.Tensor):
+            return x.to(device)
+        if isinstance(x, list):
+            return [move(y) for y in x]
+        if isinstance(x, dict):
+            return {k: move(v) for k, v in x.items()}
+        return x
+
+    return StepSequences(**{f.name: move(getattr(seqs, f.name)) for f in fields(seqs)})
+
+
+def _synchronized_time() -> float:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def algorithms(ref_kl: bool) -> dict[str, AlgorithmConfig]:
+    """GRPO, PAPO-G and PAPO-G with ``masked_grad``; reference KL as the presets or off in all."""
+    ref = {} if ref_kl else {"ref_kl_coef": 0.0}
+    return {
+        "grpo": AlgorithmConfig(name="grpo", **ref),
+        "papo": AlgorithmConfig(name="papo_g", **ref),
+        "papo+masked_grad": AlgorithmConfig(name="papo_g", masked_grad=True, **ref),
+    }
+
+
+def synthetic_sequences(
+    policy: Policy, count: int, length: int, image_size: int, seed: int
+) -> tuple[StepSequences, torch.Tensor]:
+    """``count`` sequences of exactly ``length`` tokens: one ``image_size``-pixel square image, then
+    ``PROMPT_TEXT`` text tokens, then the response; masked images have 60% of their patches zeroed.
+    Returns the sequences and the images' grid [1, 3] (the same for all)."""
+    config = policy.hf_config
+    vision = config.vision_config
+    side = image_size // vision.patch_size
+    grid = torch.tensor([[1, side, side]])
+    patches, image_tokens = side * side, side * side // vision.spatial_merge_size**2
+    response = length - image_tokens - 2 - PROMPT_TEXT
+    if side % vision.spatial_merge_size or response < 1:
+        unit, prompt = vision.patch_size * vision.spatial_merge_size, image_tokens + 2 + PROMPT_TEXT
+        raise ValueError(
+            f"--image-size {image_size} must be a multiple of {unit} and leave a response in "
+            f"--seq-length {length} after {prompt} prompt tokens"
+        )
+    g = torch.Generator().manual_seed(seed)
+    vocab = config.get_text_config().vocab_size - 8  # random text below the special tokens
+    image = (
+        [config.vision_start_token_id] + [config.image_token_id] * image_tokens + [config.vision_end_token_id]
+    )
+    prompts = [torch.cat([torch.tensor(image), torch.randint(vocab, (PROMPT_TEXT,), generator=g)])] * count
+    responses = [torch.randint(vocab, (response,), generator=g) for _ in range(count)]
+    width = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
+    pixels = [torch.randn(patches, width, generator=g) for _ in range(count)]
+    masked = [x * (torch.rand(patches, 1, generator=g) >= 0.6) for x in pixels]
+    seqs = build_sequences(
+        prompts,
+        responses,
+        pixel_values=pixels,
+        masked_pixel_values=masked,
+        image_grid_thw=[grid] * count,
+        advantages=torch.randn(count, generator=g),
+        pad_id=policy.pad_token_id,
+        length=length,
+        position_fn=policy.position_ids,
+    )
+    return seqs, grid
+
+
+def forward_flops(arch: ModelArch, sequences: int, length: int, grid: torch.Tensor) -> int:
+    """Model FLOPs of one forward pass over ``sequences`` sequences, each with one image of ``grid``."""
+    _, h, w = grid[0].tolist()
+    return language_forward_flops(arch.language, sequences, length) + sequences * vision_forward_flops(
+        arch.vision, h, w
+    )
+
+
+def forward_passes(algo: AlgorithmConfig) -> tuple[int, int]:
+    """Forward-pass equivalents of a step's log-prob passes and of its update (forward + backward: 3;
+    ``masked_grad`` doubles the update's micro-batches), as ``Trainer`` runs them."""
+    log_prob = 1 + int(algo.uses_masked_images and not algo.masked_grad) + int(algo.uses_ref_kl)
+    return log_prob, 3 * (2 if algo.masked_grad else 1)
+
+
+def _reset_peak_memory() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets the resident set's high-water mark (Linux >= 4.0)
+
+
+def _peak_memory() -> int:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated()
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+
+
+def measured_peak_flops(dtype: torch.dtype, seconds: float = 0.3, n: int = 1024) -> float:
+    """FLOP/s of this rank's repeated n x n matmul, all ranks at once (sharing the machine as in a step)."""
+    a = torch.randn(n, n, dtype=dtype)
+    b = torch.randn(n, n, dtype=dtype)
+    a @ b  # warm-up
+    dist.barrier()
+    count, start = 0, time.perf_counter()
+    while (elapsed := time.perf_counter() - start) < seconds:
+        a @ b
+        count += 1
+    return 2 * n**3 * count / elapsed
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--size", choices=list(SIZES), default="tiny")
+    parser.add_argument("--seq-length", type=int, help="tokens per sequence (tiny: 256, 3b: 2048)")
+    parser.add_argument("--image-size", type=int, help="image side in pixels (tiny: 56, 3b: 448)")
+    parser.add_argument("--micro-batch-size", type=int, default=1)
+    parser.add_argument("--micro-batches", type=int, default=2, help="per data-parallel rank and step")
+    parser.add_argument("--tp", type=int, default=1)
+    parser.add_argument("--pp", type=int, default=1)
+    parser.add_argument("--dtype", choices=["bfloat16", "float32"], help="default: cuda bf16, cpu fp32")
+    parser.add_argument("--attention", choices=["auto", "sdpa", "local", "te"], default="auto")
+    parser.add_argument("--recompute", action="store_true", help="full activation recomputation")
+    parser.add_argument("--ref-kl", action="store_true", help="reference-KL term and its model in all")
+    parser.add_argument("--peak-tflops", type=float, help="per rank (default: cuda 989, cpu measured)")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--iters", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    for key, value in DEFAULTS[args.size].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return args
+
+
+def _config(args: argparse.Namespace, hf_path: str, dtype: str, parallel: ParallelConfig) -> TrainConfig:
+    sequences = args.micro_batch_size * args.micro_batches * ps.get_data_parallel_world_size()
+    return TrainConfig(
+        model=ModelConfig(hf_path=hf_path, dtype=dtype, attention=args.attention, recompute=args.recompute),
+        parallel=parallel,
+        rollout=RolloutConfig(n=1),  # a "prompt" per sequence
+        optimizer=OptimizerConfig(bf16=dtype == "bfloat16"),
+        trainer=TrainerConfig(
+            steps=1,
+            rollout_batch_size=sequences,
+            update_batch_size=sequences,
+            micro_batch_size=args.micro_batch_size,
+        ),
+    )
+
+
+def run(args: argparse.Namespace, cfg: TrainConfig) -> tuple[dict[str, list[float] | None], torch.Tensor]:
+    """Per variant: [median step, log-prob and update seconds, peak memory bytes], each the largest
+    rank's figure, or None where it ran out of GPU memory; and the images' grid [1, 3]."""
+    variants = algorithms(args.ref_kl)
+    rounds = args.warmup + args.iters
+    policy = RandomPolicy(cfg, rounds * len(variants), with_ref=args.ref_kl, with_engine=False)
+    bench = StepBench(cfg, policy)
+    count = args.micro_batch_size * args.micro_batches
+    seqs, grid = synthetic_sequences(
+        policy, count, args.seq_length, args.image_size, args.seed + bench.dp_rank
+    )
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    seqs = to_device(seqs, device)
+    samples: dict[str, list[tuple[float, float]] | None] = {name: [] for name in variants}
+    peaks = dict.fromkeys(variants, 0.0)
+    for round_ in range(rounds):
+        for name, algo in variants.items():  # interleaved: drifts of a shared machine hit all alike
+            if samples[name] is None:
+                continue
+            cfg.algorithm = algo
+            _reset_peak_memory()
+            try:
+                log_prob_s, update_s = bench.timed_step(seqs)
+            except torch.OutOfMemoryError:  # one GPU: with more ranks the others would wait in a collective
+                samples[name] = None
+                torch.cuda.empty_cache()
+                continue
+            stats = torch.tensor([log_prob_s, update_s, _peak_memory()], dtype=torch.float64, device=device)
+            dist.all_reduce(stats, op=dist.ReduceOp.MAX)
+            log_prob_s, update_s, peak = stats.tolist()
+            peaks[name] = max(peaks[name], peak)
+            if round_ >= args.warmup:
+                samples[name].append((log_prob_s, update_s))
+    results = {
+        name: None
+        if runs is None
+        else [
+            statistics.median(lp + up for lp, up in runs),
+            statistics.median(lp for lp, _ in runs),
+            statistics.median(up for _, up in runs),
+            peaks[name],
+        ]
+        for name, runs in samples.items()
+    }
+    return results, grid
+
+
+def _row(cells: list[str]) -> str:
+    return f"{cells[0]:<18}" + "".join(f"{c:>11}" for c in cells[1:])
+
+
+def report(
+    args: argparse.Namespace,
+    cfg: TrainConfig,
+    results: dict[str, list[float] | None],
+    grid: torch.Tensor,
+    peak: float,
+) -> None:
+    """Print the setup and one row per variant; ``peak``: the FLOP/s of all ranks together."""
+    arch, world, dp = SIZES[args.size], dist.get_world_size(), ps.get_data_parallel_world_size()
+    count = args.micro_batch_size * args.micro_batches
+    forward = dp * forward_flops(arch, count, args.seq_length, grid)
+    tokens = dp * count * args.seq_length
+    cuda = torch.cuda.is_available()
+    device = torch.cuda.get_device_name() if cuda else "cpu"
+    source = "--peak-tflops" if args.peak_tflops else ("H100 bf16 dense" if cuda else "measured matmul")
+    print(
+        f"model {arch.name} ({arch.params(1) / 1e6:.2f}M parameters), {device} {cfg.model.dtype}, "
+        f"{world} ranks (TP{args.tp} PP{args.pp} DP{dp}), attention {args.attention}, recompute "
+        f"{args.recompute}, reference KL {args.ref_kl}"
+    )
+    print(
+        f"per DP rank: {args.micro_batches} micro-batches x {args.micro_batch_size} sequences x "
+        f"{args.seq_length} tokens, one {args.image_size}px image ({int(grid[0].prod())} patches) each"
+    )
+    print(
+        f"peak {peak / world / 1e12:.4g} TFLOP/s per rank ({source}); a forward pass {forward / 1e9:.4g} "
+        f"GFLOP; median of {args.iters} iterations after {args.warmup} warm-up"
+    )
+    print(_row(list(HEADER)))
+    variants = algorithms(args.ref_kl)
+    baseline = results["grpo"]
+    for name, figures in results.items():
+        if figures is None:
+            print(_row([name] + ["OOM"] * (len(HEADER) - 1)))
+            continue
+        step_s, log_prob_s, update_s, memory = figures
+        log_prob_passes, update_passes = forward_passes(variants[name])
+        cells = [
+            f"{step_s * 1e3:.1f}",
+            f"{log_prob_s * 1e3:.1f}",
+            f"{update_s * 1e3:.1f}",
+            f"{tokens / step_s:.1f}",
+            f"{(log_prob_passes + update_passes) * forward / step_s / peak:.4f}",
+            f"{update_passes * forward / update_s / peak:.4f}",
+            f"{memory / MIB:.1f}",
+            f"{step_s / baseline[0]:.3f}" if baseline else "-",
+        ]
+        print(_row([name, *cells]))
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parse(argv)
+    cuda = torch.cuda.is_available()
+    dtype = args.dtype or ("bfloat16" if cuda else "float32")
+    # NCCL for the GPU tensors; gloo for the CPU ones that Policy.train_step all-reduces
+    parallel = ParallelConfig(args.tp, args.pp, backend="cpu:gloo,cuda:nccl" if cuda else "gloo")
+    initialize_distributed(parallel, seed=args.seed)
+    try:
+        if args.peak_tflops or cuda:
+            peak = (args.peak_tflops or H100_BF16_DENSE_TFLOPS) * 1e12
+        else:
+            peak = measured_peak_flops(getattr(torch, dtype))
+        total_peak = torch.tensor([peak], dtype=torch.float64)
+        dist.all_reduce(total_peak)
+        with tempfile.TemporaryDirectory() as hf_path:  # config.json only: the weights stay random
+            SIZES[args.size].to_hf_config().save_pretrained(hf_path)
+            cfg = _config(args, hf_path, dtype, parallel)
+            results, grid = run(args, cfg)
+        if dist.get_rank() == 0:
+            report(args, cfg, results, grid, float(total_peak))
+    finally:
+        destroy_distributed()
+
+
+if __name__ == "__main__":
+    main()
