@@ -6,7 +6,7 @@ import io
 
 import pytest
 import torch
-from data_helpers import data_config, random_image, tiny_processor_dir
+from data_helpers import data_config, random_image, read_samples, tiny_processor_dir
 from PIL import Image
 from transformers import AutoImageProcessor, AutoTokenizer, Qwen2_5_VLProcessor
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
