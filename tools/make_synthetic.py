@@ -12,6 +12,7 @@ made with the same arguments is reused, one made with others is refused. See
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 
 from megatron_papo.data.config import QUESTION_TYPES, SyntheticConfig
@@ -42,17 +43,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict[str, str]:
     """Write (or reuse) the set; return {split: manifest path}."""
-    args = parse_args(argv)
+    args = parse_args(argv)  # its destinations are SyntheticConfig's field names
     try:
-        cfg = SyntheticConfig(
-            num_train=args.num_train,
-            num_test=args.num_test,
-            seed=args.seed,
-            difficulty=args.difficulty,
-            image_size=args.image_size,
-            question_types=tuple(args.question_types),
-            samples_per_shard=args.samples_per_shard,
-        )
+        values = {f.name: getattr(args, f.name) for f in dataclasses.fields(SyntheticConfig)}
+        cfg = SyntheticConfig(**{**values, "question_types": tuple(args.question_types)})
         manifests = write_synthetic(cfg, args.out_dir)
     except (DataError, ValueError) as e:
         raise SystemExit(f"make_synthetic: {e}") from e
