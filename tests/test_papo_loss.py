@@ -8,6 +8,7 @@ from multiprocess import run_distributed
 
 from megatron_papo.papo.config import AlgorithmConfig
 from megatron_papo.papo.loss import papo_loss
+from megatron_papo.rollout.correction import logprob_mismatch, truncated_importance_weights
 
 B, S, V = 3, 7, 32
 
@@ -246,6 +247,40 @@ def test_padding_values_are_ignored():
         1,
     )
     assert clean[0] == dirty[0] and torch.equal(clean[1], dirty[1])
+
+
+def test_truncated_importance_sampling_weights_the_policy_gradient_only():
+    """TIS: the pg term of each token times min(pi_old / pi_rollout, cap); weights of 1 change nothing, the
+    other terms are untouched, padding weights are ignored, and the mismatch is mean |lp_old - lp_rollout|."""
+    logits, masked, labels, mask, old, ref, adv = _inputs()
+    cfg = AlgorithmConfig(name="grpo", ref_kl_coef=0.0)
+    rollout = old + 0.5 * torch.randn(old.shape, generator=torch.Generator().manual_seed(5), dtype=old.dtype)
+    weights = truncated_importance_weights(old, rollout, mask, cap=1.5)
+    assert weights.max() <= 1.5 and torch.equal(weights[mask == 0], torch.zeros_like(weights[mask == 0]))
+    assert torch.allclose(weights[mask > 0], torch.exp(old - rollout)[mask > 0].clamp(max=1.5).float())
+    assert logprob_mismatch(old, rollout, mask) == pytest.approx(
+        float(((old - rollout).abs() * mask).sum() / mask.sum())
+    )
+
+    def loss(w):
+        x = logits.clone().requires_grad_()
+        out, metrics = papo_loss(cfg, x, labels, mask, adv, old, rollout_is_weights=w)
+        out.backward()
+        return out, x.grad, metrics
+
+    plain, plain_grad, _ = loss(None)
+    ones, ones_grad, metrics = loss(torch.where(mask > 0, 1.0, torch.nan).to(old.dtype))  # NaN padding
+    assert plain == ones and torch.equal(plain_grad, ones_grad) and metrics["actor/tis_weight"] == 1
+    w = weights.double()
+    weighted, weighted_grad, _ = loss(w)
+    # the loss is linear in the per-token weights: sum over tokens t of w_t * (loss with weight 1 on t only)
+    one_hot = [
+        torch.zeros_like(w).index_put_((i, j), torch.tensor(1.0, dtype=w.dtype)) for i, j in mask.nonzero()
+    ]
+    assert float(weighted) == pytest.approx(sum(float(w[e > 0]) * float(loss(e)[0]) for e in one_hot))
+    assert not torch.allclose(weighted_grad, plain_grad)
+    with pytest.raises(ValueError, match=r"rollout_is_weights must be \[3, 7\]"):
+        papo_loss(cfg, logits, labels, mask, adv, old, rollout_is_weights=w[:, :-1])
 
 
 def test_bad_input_is_refused():

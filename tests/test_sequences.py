@@ -3,7 +3,12 @@
 import pytest
 import torch
 
-from megatron_papo.training.sequences import build_sequences, micro_batch, micro_batch_indices
+from megatron_papo.training.sequences import (
+    build_sequences,
+    micro_batch,
+    micro_batch_indices,
+    response_token_values,
+)
 
 
 def _positions(input_ids, grid, attention_mask):
@@ -51,6 +56,15 @@ def test_labels_and_masks_select_exactly_the_response_tokens():
         for i, (p, r) in enumerate(zip(prompts, responses, strict=True))
     )
     assert abs(float((lp * seqs.loss_mask).sum()) - direct) < 1e-4
+
+
+def test_response_token_values_sit_where_the_loss_mask_is():
+    """Per-response-token values (an engine's log-probs) land on the label positions of their tokens."""
+    seqs, prompts, responses = _example()
+    values = [r.float() * 10 for r in responses]
+    laid_out = response_token_values(prompts, values, seqs.length)
+    assert torch.equal(laid_out != 0, seqs.loss_mask.bool())
+    assert torch.equal(laid_out[seqs.loss_mask.bool()], seqs.labels[seqs.loss_mask.bool()].float() * 10)
 
 
 def test_micro_batches_carry_their_images_in_order():

@@ -108,6 +108,7 @@ def papo_loss(
     temperature: float = 1.0,
     progress: float = 0.0,
     global_token_count: float | None = None,
+    rollout_is_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The loss of one micro-batch and its metrics.
 
@@ -117,12 +118,14 @@ def papo_loss(
     else detached; needed by the exact KL / entropy) or as precomputed ``masked_log_probs`` [b, s] (no
     gradient: the reference default). ``ref_log_probs`` [b, s] when the ref-KL term is on. ``progress``
     in [0, 1] drives gamma annealing. ``global_token_count``: see ``aggregate`` (the caller then scales
-    the loss for the schedule's averaging).
+    the loss for the schedule's averaging). ``rollout_is_weights`` [b, s] (no gradient): per-token
+    truncated importance weights pi_old / pi_rollout that multiply the policy-gradient term
+    (``megatron_papo.rollout.correction``).
 
     Metrics (detached, means over this micro-batch's response tokens): actor/pg_loss, actor/pg_clipfrac
     (and _high: ratio above 1 + eps_high with A > 0, _low), actor/approx_kl, papo/entropy (exact),
     papo/kl_prc, papo/masked_entropy (exact with masked logits, else -lp_mask), papo/gamma, actor/ref_kl,
-    actor/loss.
+    actor/tis_weight (with ``rollout_is_weights``), actor/loss.
     """
     b, s, v = logits.shape
     if labels.shape != (b, s) or loss_mask.shape != (b, s) or old_log_probs.shape != (b, s):
@@ -169,6 +172,11 @@ def papo_loss(
     clipped = -a * ratio.clamp(1 - cfg.eps_low, 1 + cfg.eps_high)
     pg = torch.maximum(unclipped, clipped)
     pg = torch.where(a < 0, torch.minimum(pg, -a * cfg.clip_dual), pg)
+    if rollout_is_weights is not None:
+        if rollout_is_weights.shape != (b, s):
+            raise ValueError(f"rollout_is_weights must be [{b}, {s}], got {tuple(rollout_is_weights.shape)}")
+        weights = _response_values("rollout_is_weights", rollout_is_weights, mask, torch.ones_like(lp))
+        pg = pg * weights
     loss = agg(pg)
     metrics = {
         "actor/pg_loss": _local_mean(pg, mask),
@@ -178,6 +186,8 @@ def papo_loss(
         "actor/approx_kl": _local_mean(-log_ratio, mask),
         "papo/entropy": _local_mean(entropy, mask),
     }
+    if rollout_is_weights is not None:
+        metrics["actor/tis_weight"] = _local_mean(weights, mask)
 
     # Double Entropy Loss (first term) and Implicit Perception Loss, annealed together
     factor = cfg.anneal_factor(progress)

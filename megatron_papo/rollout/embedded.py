@@ -12,6 +12,7 @@ layouts.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 
 import torch
@@ -19,7 +20,7 @@ from transformers import AutoConfig, Qwen2_5_VLForConditionalGeneration
 
 from megatron_papo.models.weights import module_name
 from megatron_papo.rollout.config import RolloutConfig
-from megatron_papo.rollout.engine import Rollout, RolloutRequest
+from megatron_papo.rollout.engine import Rollout, RolloutRequest, rollout_stats
 
 
 class EmbeddedEngine:
@@ -40,6 +41,7 @@ class EmbeddedEngine:
         self.eos_token_id = eos_token_id
         self.pad_token_id = pad_token_id
         self.device = torch.device(device)
+        self.last_stats: dict[str, float] = {}
         # a response must not contain image placeholders: the trainer would put image features there
         self.vision_token_ids = [
             config.image_token_id,
@@ -49,7 +51,7 @@ class EmbeddedEngine:
         ]
 
     def sync_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Load (name, tensor) pairs named as in HF checkpoint files (either convention) or ``state_dict()``."""
+        """Load (name, tensor) pairs named as in HF checkpoint files (either convention) or state_dict()."""
         params = self.model.state_dict()
         seen = set()
         for file_name, tensor in named_tensors:
@@ -70,7 +72,10 @@ class EmbeddedEngine:
 
     @torch.no_grad()
     def generate(self, requests: list[RolloutRequest], n: int) -> list[list[Rollout]]:
-        return [self._sample(r, n) for r in requests]
+        start = time.monotonic()
+        out = [self._sample(r, n) for r in requests]
+        self.last_stats = rollout_stats(out, time.monotonic() - start)
+        return out
 
     def _sample(self, req: RolloutRequest, n: int) -> list[Rollout]:
         input_ids = req.input_ids.to(self.device).unsqueeze(0).expand(n, -1)

@@ -30,13 +30,21 @@ class RolloutRequest:
 
 @dataclass
 class Rollout:
-    """One sampled response: ``response_ids`` [resp_len] ends with EOS when ``finished``."""
+    """One sampled response: ``response_ids`` [resp_len] ends with EOS when ``finished``.
+
+    ``logprobs`` [resp_len] float32: the engine's log-prob of each response token under the distribution
+    it sampled from (None: the engine does not report them).
+    """
 
     response_ids: torch.Tensor
     finished: bool
+    logprobs: torch.Tensor | None = None
 
 
 class RolloutEngine(Protocol):
+    last_stats: dict[str, float]
+    """Figures of the latest ``generate`` / ``sync_weights`` (metric name -> value), logged each step."""
+
     def generate(self, requests: list[RolloutRequest], n: int) -> list[list[Rollout]]:
         """For each request, ``n`` responses (outer list aligned with ``requests``)."""
         ...
@@ -44,3 +52,13 @@ class RolloutEngine(Protocol):
     def sync_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Load the policy's current weights, given as (HF parameter name, full tensor) pairs."""
         ...
+
+
+def rollout_stats(rollouts: list[list[Rollout]], seconds: float) -> dict[str, float]:
+    """Response tokens generated in ``seconds``, and their rate: the engines' ``rollout/*`` figures."""
+    tokens = sum(len(r.response_ids) for group in rollouts for r in group)
+    return {
+        "rollout/tokens": float(tokens),
+        "rollout/time_s": seconds,
+        "rollout/tokens_per_s": tokens / max(seconds, 1e-9),
+    }

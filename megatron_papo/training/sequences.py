@@ -99,6 +99,17 @@ def build_sequences(
     )
 
 
+def response_token_values(
+    prompts: list[torch.Tensor], values: list[torch.Tensor], length: int
+) -> torch.Tensor:
+    """Per-response-token ``values[i]`` [R_i] laid out as ``build_sequences``' per-token tensors [N, L]:
+    at the positions that predict the response tokens (where ``loss_mask`` is 1), 0 elsewhere."""
+    out = torch.zeros(len(prompts), length, dtype=torch.float32)
+    for i, (p, v) in enumerate(zip(prompts, values, strict=True)):
+        out[i, len(p) - 1 : len(p) - 1 + len(v)] = v
+    return out
+
+
 def padded_length(prompts: list[torch.Tensor], responses: list[torch.Tensor]) -> int:
     """The longest prompt + response, rounded up to a multiple of 8 x TP (sequence-parallel splits it)."""
     from megatron.core import parallel_state as ps

