@@ -30,13 +30,14 @@ import statistics
 import tempfile
 import time
 from dataclasses import fields
+from functools import partial
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from megatron_papo.config import TrainConfig, TrainerConfig
-from megatron_papo.models import ModelConfig, build_model
+from megatron_papo.models import ModelConfig, build_model, mrope_position_ids
 from megatron_papo.papo.config import AlgorithmConfig
 from megatron_papo.parallel import ParallelConfig, destroy_distributed, initialize_distributed
 from megatron_papo.planner.architectures import QWEN2_5_VL, LanguageArch, ModelArch, VisionArch
@@ -134,12 +135,12 @@ def algorithms(ref_kl: bool) -> dict[str, AlgorithmConfig]:
 
 
 def synthetic_sequences(
-    policy: Policy, count: int, length: int, image_size: int, seed: int
+    config, count: int, length: int, image_size: int, seed: int
 ) -> tuple[StepSequences, torch.Tensor]:
     """``count`` sequences of exactly ``length`` tokens: one ``image_size``-pixel square image, then
     ``PROMPT_TEXT`` text tokens, then the response; masked images have 60% of their patches zeroed.
-    Returns the sequences and the images' grid [1, 3] (the same for all)."""
-    config = policy.hf_config
+    ``config``: the model's HF config. Returns the sequences and the images' grid [1, 3] (the same for
+    all)."""
     vision = config.vision_config
     side = image_size // vision.patch_size
     grid = torch.tensor([[1, side, side]])
@@ -168,9 +169,9 @@ def synthetic_sequences(
         masked_pixel_values=masked,
         image_grid_thw=[grid] * count,
         advantages=torch.randn(count, generator=g),
-        pad_id=policy.pad_token_id,
+        pad_id=config.get_text_config().pad_token_id,
         length=length,
-        position_fn=policy.position_ids,
+        position_fn=partial(mrope_position_ids, hf_config=config),
     )
     return seqs, grid
 
@@ -269,7 +270,7 @@ def run(args: argparse.Namespace, cfg: TrainConfig) -> tuple[dict[str, list[floa
     bench = StepBench(cfg, policy)
     count = args.micro_batch_size * args.micro_batches
     seqs, grid = synthetic_sequences(
-        policy, count, args.seq_length, args.image_size, args.seed + bench.dp_rank
+        policy.hf_config, count, args.seq_length, args.image_size, args.seed + bench.dp_rank
     )
     device = "cuda" if torch.cuda.is_available() else "cpu"
     seqs = to_device(seqs, device)
