@@ -114,6 +114,7 @@ def test_a_bad_row_publishes_nothing_or_is_counted_when_skipping(tmp_path, caplo
 
     manifest_path = make_shards.main([rows, "--out", str(out), "--overwrite", "--skip-bad"])
     assert json.loads(open(manifest_path).read())["rows_skipped"] == 1
+    assert sorted(os.listdir(out)) == ["manifest.json", "shard-000000.tar"]  # the old second shard is gone
     assert [s.uid for s in read_samples(manifest_path)] == [f"q{i}" for i in range(9) if i != 6]
     assert "line 7" in caplog.text and "1 skipped so far" in caplog.text
 

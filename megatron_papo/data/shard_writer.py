@@ -28,7 +28,8 @@ class ShardWriter:
     """Write ``ShardSample``s to ``out_dir/{prefix}-000000.tar``, ... and ``out_dir/manifest.json``.
 
     Use as a context manager: on an exception the unfinished shard is removed and no manifest is written
-    (complete shards stay). An existing manifest or shards of the same prefix raise unless ``overwrite``.
+    (complete shards stay). An existing manifest or shards of the same prefix raise unless ``overwrite``;
+    then the old shards are replaced, and those beyond the new count removed when the new set is complete.
     """
 
     def __init__(
@@ -90,11 +91,16 @@ class ShardWriter:
         self._count = self._bytes = 0
 
     def close(self) -> str:
-        """Finish the last shard and write the manifest; return the manifest's path."""
+        """Finish the last shard, drop shards of this prefix left by an older set, write the manifest;
+        return the manifest's path."""
         if self._tar is not None:
             self._finish_shard()
         if not self.shards:
             raise DataError(f"no samples were written to {self.out_dir}")
+        written = {s.path for s in self.shards}
+        for stale in glob.glob(os.path.join(self.out_dir, f"{self.prefix}-*.tar")):
+            if stale not in written:
+                os.remove(stale)
         return write_manifest(self.out_dir, self.shards, self.manifest_extra)
 
     def abort(self) -> None:
