@@ -1,0 +1,368 @@
+"""The synthetic-shapes study: SFT warm start, then GRPO vs PAPO from the same checkpoint, several seeds.
+
+    python examples/synthetic_shapes/run_study.py --size cpu     # ~30 min on 2 CPU cores
+    python examples/synthetic_shapes/run_study.py --size gpu     # ~200M parameters, one GPU
+    python examples/synthetic_shapes/run_study.py --size smoke   # a couple of steps per stage (the test)
+
+Stages, each skipped when its output exists (a rerun resumes; an interrupted run continues from its
+checkpoint): data -> random Qwen2.5-VL-shaped model -> SFT -> RL runs (method x seed, and the
+KL_prc-hacking demo: PAPO-G with a large gamma) -> ``megatron-papo eval`` (original and masked images)
+of the SFT policy and of every run -> ``results.md`` (table), ``results.json`` and plots.
+A size is a YAML file beside this script (``StudySize``); its ``sft`` / ``rl`` / ``eval`` / ``hacking``
+sections are TrainConfig sections merged over ``base.yaml``. Each run's exact config is written into
+its directory as ``config.in.yaml`` and launched with ``torchrun ... megatron_papo.cli``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+from safetensors import safe_open
+
+from megatron_papo.config import load_train_config
+from megatron_papo.config_io import load_config
+from megatron_papo.data.config import SyntheticConfig
+from megatron_papo.data.synthetic import write_synthetic
+from megatron_papo.models.tiny import TinyQwen25VLSpec, make_tiny_qwen25vl
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "..", "..", "tools"))
+from plot_metrics import plot, read_metrics  # noqa: E402
+
+EVAL_SEED = 1234  # the same sampling seed and masks for every evaluation
+HACKING_RUN = "hacking_papo_g"
+EVAL_COLUMNS = ("accuracy", "masked_accuracy", "accuracy_gap", "format")
+TRAIN_COLUMNS = ("reward/mean", "papo/kl_prc", "papo/entropy")
+LABELS = {"sft": "SFT (start)", "grpo": "GRPO", "papo_g": "PAPO-G", "dapo": "DAPO", "papo_d": "PAPO-D"}
+
+
+@dataclass
+class StudySize:
+    """One ``--size``: the model, the task, the methods and seeds, and each stage's config sections."""
+
+    model: TinyQwen25VLSpec
+    data: SyntheticConfig
+    methods: list[str]
+    seeds: list[int]
+    sft: dict[str, Any] = field(default_factory=dict)
+    rl: dict[str, Any] = field(default_factory=dict)
+    eval: dict[str, Any] = field(default_factory=dict)
+    hacking: dict[str, Any] = field(default_factory=dict)  # merged over ``rl``
+    nproc: int = 1  # processes per run (tensor parallel size times data parallel size)
+    jobs: int = 1  # RL runs at once (each with cpu_count / jobs threads)
+
+
+def merge(base: dict[str, Any], *updates: dict[str, Any]) -> dict[str, Any]:
+    """Nested dicts merged left to right (later values win)."""
+    out = copy.deepcopy(base)
+    for update in updates:
+        for key, value in update.items():
+            if isinstance(value, dict) and isinstance(out.get(key), dict):
+                out[key] = merge(out[key], value)
+            else:
+                out[key] = copy.deepcopy(value)
+    return out
+
+
+class Study:
+    def __init__(self, size: StudySize, out: str, hacking_demo: bool) -> None:
+        self.size, self.out, self.hacking_demo = size, os.path.abspath(out), hacking_demo
+        with open(os.path.join(HERE, "base.yaml"), encoding="utf-8") as f:
+            self.base = yaml.safe_load(f)
+        os.makedirs(self.out, exist_ok=True)
+        self.start = time.monotonic()
+        self.timings_path = self.path("timings.json")
+        self.timings: dict[str, float] = {}
+        if os.path.exists(self.timings_path):
+            with open(self.timings_path, encoding="utf-8") as f:
+                self.timings = json.load(f)
+        self.lock = threading.Lock()
+        self.threads = max(1, len(os.sched_getaffinity(0)) // (size.nproc * size.jobs))
+
+    def log(self, text: str) -> None:
+        elapsed = int(time.monotonic() - self.start)
+        print(f"[study {elapsed // 60:3d}:{elapsed % 60:02d}] {text}", flush=True)
+
+    def path(self, *parts: str) -> str:
+        return os.path.join(self.out, *parts)
+
+    @property
+    def runs(self) -> list[str]:
+        runs = [f"{m}_s{s}" for m in self.size.methods for s in self.size.seeds]
+        return runs + ([HACKING_RUN] if self.hacking_demo else [])
+
+    # ---------------------------------------------------------------- stages
+
+    def make_data(self) -> None:
+        manifests = write_synthetic(self.size.data, self.path("data"))
+        self.base = merge(
+            self.base, {"data": {"train_data": manifests["train"], "test_data": manifests["test"]}}
+        )
+
+    def make_model(self) -> None:
+        if not os.path.exists(self.path("model", "config.json")):
+            make_tiny_qwen25vl(self.path("model"), self.size.model)
+        with safe_open(self.path("model", "model.safetensors"), "pt") as f:
+            params = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+        self.log(f"model: {params / 1e6:.1f}M parameters at {self.path('model')}")
+
+    def run_config(self, run_dir: str, sections: dict[str, Any]) -> str:
+        """Write ``run_dir/config.in.yaml`` (base + sections + the run's paths), checked; return its path."""
+        cfg = merge(
+            self.base,
+            sections,
+            {"trainer": {"output_dir": run_dir}, "checkpoint": {"dir": os.path.join(run_dir, "checkpoints")}},
+        )
+        os.makedirs(run_dir, exist_ok=True)
+        path = os.path.join(run_dir, "config.in.yaml")
+        with open(path, "w", encoding="utf-8") as f:
+            yaml.safe_dump(cfg, f, sort_keys=False)
+        load_train_config(path)  # a bad size file fails here, not minutes into a run
+        return path
+
+    def launch(self, name: str, args: list[str], log_path: str) -> None:
+        """``torchrun ... megatron_papo.cli ARGS``, output to ``log_path``; raises if it fails."""
+        cmd = ["torchrun", "--standalone", f"--nproc_per_node={self.size.nproc}", "-m", "megatron_papo.cli"]
+        env = dict(os.environ, OMP_NUM_THREADS=str(self.threads))
+        self.log(f"{name}: start ({' '.join(cmd[4:] + args)}; log {log_path})")
+        start = time.monotonic()
+        with open(log_path, "a", encoding="utf-8") as log:
+            code = subprocess.call(cmd + args, stdout=log, stderr=subprocess.STDOUT, env=env)
+        if code:
+            raise RuntimeError(f"{name} failed (exit {code}); see {log_path}")
+        with self.lock:  # runs finish in parallel threads
+            self.timings[name] = time.monotonic() - start
+            with open(self.timings_path, "w", encoding="utf-8") as f:
+                json.dump(self.timings, f, indent=1)
+        self.log(f"{name}: done in {self.timings[name]:.0f}s")
+
+    def train(self, name: str, command: str, sections: dict[str, Any]) -> None:
+        run_dir = self.path(name)
+        done = os.path.join(run_dir, "DONE")
+        if os.path.exists(done):
+            self.log(f"{name}: done before, skipped")
+            return
+        config = self.run_config(run_dir, sections)
+        self.launch(name, [command, "--config", config], os.path.join(run_dir, "log.txt"))
+        open(done, "w").close()
+
+    def sft(self) -> None:
+        self.train("sft", "sft", merge(self.size.sft, {"model": {"hf_path": self.path("model")}}))
+
+    def rl_sections(self, run: str) -> dict[str, Any]:
+        if run == HACKING_RUN:
+            return merge(self.size.rl, self.size.hacking)
+        method, seed = run.rsplit("_s", 1)
+        return merge(self.size.rl, {"algorithm": {"name": method}, "trainer": {"seed": int(seed)}})
+
+    def evaluate(self, name: str, checkpoint: str | None) -> None:
+        out = self.path("eval", f"{name}.json")
+        if os.path.exists(out):
+            self.log(f"eval {name}: done before, skipped")
+            return
+        sections = merge(self.size.eval, {"model": {"hf_path": self.path("sft", "hf")}})
+        config = self.run_config(self.path("eval", name), merge(sections, {"trainer": {"seed": EVAL_SEED}}))
+        args = ["eval", "--config", config, "--output", out] + (
+            ["--checkpoint", checkpoint] if checkpoint else []
+        )
+        self.launch(f"eval {name}", args, self.path("eval", name, "log.txt"))
+
+    def rl(self, run: str) -> None:
+        sections = merge(self.rl_sections(run), {"model": {"hf_path": self.path("sft", "hf")}})
+        self.train(f"rl/{run}", "train", sections)
+        if run != HACKING_RUN:
+            self.evaluate(run, self.path("rl", run, "checkpoints"))
+
+    def run(self) -> None:
+        self.log(f"study in {self.out}: methods {self.size.methods}, seeds {self.size.seeds}")
+        self.make_data()
+        self.make_model()
+        self.sft()
+        with ThreadPoolExecutor(self.size.jobs) as pool:
+            futures = [pool.submit(self.evaluate, "sft", None)] + [pool.submit(self.rl, r) for r in self.runs]
+            for future in futures:
+                future.result()
+        report = Report(self)
+        report.write()
+        self.log(f"results: {self.path('results.md')}")
+
+
+# ---------------------------------------------------------------- results
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def _last(rows: list[dict[str, float]], key: str, window: int = 3) -> float | None:
+    values = [r[key] for r in rows if key in r][-window:]
+    return statistics.fmean(values) if values else None
+
+
+class Report:
+    """``results.md`` / ``results.json`` and plots from the runs' metrics and eval files."""
+
+    def __init__(self, study: Study) -> None:
+        self.study = study
+        self.evals = {}
+        for name in ["sft"] + study.runs:
+            path = study.path("eval", f"{name}.json")
+            if os.path.exists(path):
+                with open(path, encoding="utf-8") as f:
+                    self.evals[name] = json.load(f)
+        self.metrics = {run: read_metrics(study.path("rl", run, "metrics.jsonl")) for run in study.runs}
+        # the table's rows: the SFT start, then each method over its seeds
+        self.groups = {"sft": ["sft"]} | {
+            m: [f"{m}_s{s}" for s in study.size.seeds] for m in study.size.methods
+        }
+
+    def eval_stats(self, runs: list[str], key: str) -> tuple[float, float] | None:
+        values = [self.evals[r][key] for r in runs if r in self.evals]
+        return _mean_std(values) if values else None
+
+    def train_stats(self, runs: list[str], key: str) -> tuple[float, float] | None:
+        values = [v for r in runs if (v := _last(self.metrics.get(r, []), key)) is not None]
+        return _mean_std(values) if values else None
+
+    def hacking(self) -> dict[str, Any]:
+        rows = self.metrics.get(HACKING_RUN, [])
+        flagged = [r["step"] for r in rows if r.get("papo/hacking_flag") == 1.0]
+        kl = [r["papo/kl_prc"] for r in rows if "papo/kl_prc" in r]
+        gamma = merge(self.study.size.rl, self.study.size.hacking).get("algorithm", {}).get("gamma")
+        return {
+            "gamma": gamma,
+            "flagged_steps": flagged,
+            "kl_prc_first": kl[0] if kl else None,
+            "kl_prc_max": max(kl, default=None),
+        }
+
+    def table(self) -> list[str]:
+        def percent(stats: tuple[float, float] | None) -> str:
+            return "-" if stats is None else f"{100 * stats[0]:.1f} ± {100 * stats[1]:.1f}"
+
+        def plain(stats: tuple[float, float] | None) -> str:
+            return "-" if stats is None else f"{stats[0]:.4g} ± {stats[1]:.2g}"
+
+        lines = [
+            "| method | runs | test acc. (orig.) | test acc. (masked) | gap | format | "
+            "train reward (last 3) | KL_prc (last 3) | entropy (last 3) |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for method, runs in self.groups.items():
+            evals = [percent(self.eval_stats(runs, f"eval/{k}")) for k in EVAL_COLUMNS]
+            train = [plain(self.train_stats(runs, k)) for k in TRAIN_COLUMNS]
+            cells = [LABELS.get(method, method), str(len(runs))] + evals + train
+            lines.append("| " + " | ".join(cells) + " |")
+        return lines
+
+    def per_run(self) -> list[str]:
+        lines = ["| run | test acc. (orig.) | test acc. (masked) | format | train reward (last 3) |"]
+        lines.append("|---|---|---|---|---|")
+        for run in [r for runs in self.groups.values() for r in runs]:
+            ev = self.evals.get(run, {})
+            cells = [
+                f"{100 * ev[f'eval/{k}']:.1f}" if ev else "-"
+                for k in ("accuracy", "masked_accuracy", "format")
+            ]
+            reward = _last(self.metrics.get(run, []), "reward/mean")
+            lines.append(
+                f"| {run} | " + " | ".join(cells) + f" | {'-' if reward is None else f'{reward:.3f}'} |"
+            )
+        return lines
+
+    def plot_accuracy(self, out: str) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(7, 4))
+        width = 0.38
+        bars = (("eval/accuracy", "original image"), ("eval/masked_accuracy", "masked image"))
+        for offset, (key, label) in zip((-width / 2, width / 2), bars, strict=True):
+            stats = [self.eval_stats(runs, key) or (0.0, 0.0) for runs in self.groups.values()]
+            x = [i + offset for i in range(len(stats))]
+            ax.bar(x, [m for m, _ in stats], width, yerr=[s for _, s in stats], capsize=3, label=label)
+        ax.set_xticks(range(len(self.groups)), [LABELS.get(n, n) for n in self.groups])
+        ax.set_ylabel("test accuracy (mean ± std over seeds)")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out, dpi=100)
+
+    def write(self) -> None:
+        study = self.study
+        runs = [r for r in study.runs if r != HACKING_RUN]
+        plot([study.path("rl", r, "metrics.jsonl") for r in runs], study.path("curves.png"))
+        self.plot_accuracy(study.path("accuracy.png"))
+        lines = [
+            f"# Synthetic-shapes study ({study.out})",
+            "",
+            f"Methods {study.size.methods}, seeds {study.size.seeds}, from the same SFT checkpoint. "
+            "Test accuracy: mean ± std over seeds (percent), avg@n sampling; masked: the same test prompts "
+            "with PAPO's masked images. Train columns: mean of the last 3 steps' metrics.",
+            "",
+            *self.table(),
+            "",
+            *self.per_run(),
+            "",
+            "Stage wall times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in study.timings.items()) + ".",
+            "",
+            "![curves](curves.png)",
+            "",
+            "![accuracy](accuracy.png)",
+        ]
+        results: dict[str, Any] = {"evals": self.evals, "timings_s": study.timings}
+        if study.hacking_demo:
+            hacking = self.hacking()
+            results["hacking"] = hacking
+            hack_runs = [HACKING_RUN] + [r for r in runs if r.startswith("papo_g_")][:1]
+            plot([study.path("rl", r, "metrics.jsonl") for r in hack_runs], study.path("hacking.png"))
+            verdict = (
+                f"flagged at steps {hacking['flagged_steps']}" if hacking["flagged_steps"] else "not flagged"
+            )
+            lines += [
+                "",
+                f"## KL_prc-hacking demo: PAPO-G with gamma = {hacking['gamma']}",
+                "",
+                f"HackingDetector: {verdict}; KL_prc from {hacking['kl_prc_first']} to max "
+                f"{hacking['kl_prc_max']}.",
+                "",
+                "![hacking](hacking.png)",
+            ]
+        with open(study.path("results.md"), "w", encoding="utf-8") as f:
+            f.write("\n".join(lines) + "\n")
+        with open(study.path("results.json"), "w", encoding="utf-8") as f:
+            json.dump(results, f, indent=1)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--size", default="cpu", help="a size file beside this script: smoke, cpu, gpu")
+    parser.add_argument("--out", help="study directory (default: runs/synthetic_shapes/SIZE)")
+    parser.add_argument("--no-hacking-demo", action="store_true", help="skip the large-gamma PAPO-G run")
+    parser.add_argument("overrides", nargs="*", help="size overrides, e.g. seeds=[1,2,3] rl.trainer.steps=20")
+    args = parser.parse_args()
+    size = load_config(StudySize, os.path.join(HERE, f"{args.size}.yaml"), args.overrides)
+    out = args.out or os.path.join("runs", "synthetic_shapes", args.size)
+    start = time.monotonic()
+    Study(size, out, hacking_demo=not args.no_hacking_demo).run()
+    print(f"study wall time: {time.monotonic() - start:.0f}s")
+
+
+if __name__ == "__main__":
+    main()
