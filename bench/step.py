@@ -5,7 +5,8 @@ Qwen2.5-VL at the launch's TP x PP, megatron DDP, megatron-core Adam), with rand
 ``--size`` architecture. A step is the trainer's own passes on one synthetic batch of image + text
 sequences: ``Trainer._compute_token_data`` (old log-probs; the masked-image log-probs of PAPO's reference
 default; the reference model's with ``--ref-kl``), then ``Trainer._update`` (forward + backward with the
-PAPO loss through megatron-core's schedules, one optimizer step). Rollout and weight sync are not timed.
+PAPO loss through megatron-core's schedules, then one optimizer step, timed on its own). Rollout and
+weight sync are not timed.
 
 Variants, timed in turn in every iteration of one run (median over iterations, each time the slowest
 rank's): ``grpo``; ``papo`` (PAPO-G, masked log-probs without gradient: one extra forward-only pass);
@@ -14,8 +15,9 @@ Ratios are each variant's step time over ``grpo``'s.
 
 MFU: model FLOPs of the step (``megatron_papo.planner.flops``: a forward for each log-prob pass, three
 for the update) over time x ranks x peak. Peak: ``--peak-tflops`` per rank (default on CUDA: H100 bf16
-dense, 989), on CPU a measured large matmul in the bench's dtype, run on all ranks at once. ``mfu_update``
-is the forward + backward alone. Peak memory, the largest rank's: ``torch.cuda.max_memory_allocated``,
+dense, 989), on CPU a measured large matmul in the bench's dtype, run on all ranks at once.
+``mfu_fwdbwd``: the update's forward + backward alone (without the optimizer step).
+ Peak memory, the largest rank's: ``torch.cuda.max_memory_allocated``,
 on CPU the resident set's high-water mark (``VmHWM``, reset before each variant).
 
     python bench/step.py --size tiny                                    # CPU, seconds
@@ -65,10 +67,11 @@ HEADER = (
     "variant",
     "step_ms",
     "logprob_ms",
-    "update_ms",
+    "fwdbwd_ms",
+    "optim_ms",
     "tokens/s",
     "mfu_step",
-    "mfu_update",
+    "mfu_fwdbwd",
     "peak_MiB",
     "vs_grpo",
 )
@@ -76,7 +79,21 @@ HEADER = (
 
 class RandomPolicy(Policy):
     """``Policy`` with the random weights the model is built with (nothing loaded), on the GPU if any
-    (as Megatron-LM's ``get_model``: norms, the patch embedding and rotary buffers are built on the CPU)."""
+    (as Megatron-LM's ``get_model``: norms, the patch embedding and rotary buffers are built on the CPU).
+    ``optimizer_s`` adds up the seconds spent in ``optimizer.step``."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.optimizer_s = 0.0
+        step = self.optimizer.step
+
+        def timed():
+            start = _synchronized_time()
+            result = step()
+            self.optimizer_s += _synchronized_time() - start
+            return result
+
+        self.optimizer.step = timed
 
     def _build_loaded(self) -> torch.nn.Module:
         model = build_model(self.cfg.model)
@@ -92,15 +109,18 @@ class StepBench(Trainer):
         self.dp_rank, self.dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
         self.update_prompts_per_rank = self.per_rank(cfg.trainer.update_batch_size, 1, "update_batch_size")
 
-    def timed_step(self, seqs: StepSequences) -> tuple[float, float]:
-        """Seconds of the log-prob passes and of the update (this rank, ranks started together)."""
+    def timed_step(self, seqs: StepSequences) -> tuple[float, float, float]:
+        """Seconds of the log-prob passes, of the update's forward + backward and of its optimizer step
+        (this rank; all ranks start together)."""
         seqs.token_data.clear()
+        self.policy.optimizer_s = 0.0
         dist.barrier()
         start = _synchronized_time()
         self._compute_token_data(seqs)
         middle = _synchronized_time()
         self._update(seqs)
-        return middle - start, _synchronized_time() - middle
+        update = _synchronized_time() - middle
+        return middle - start, update - self.policy.optimizer_s, self.policy.optimizer_s
 
 
 def to_device(seqs: StepSequences, device: str) -> StepSequences:
@@ -262,8 +282,9 @@ def _config(args: argparse.Namespace, hf_path: str, dtype: str, parallel: Parall
 
 
 def run(args: argparse.Namespace, cfg: TrainConfig) -> tuple[dict[str, list[float] | None], torch.Tensor]:
-    """Per variant: [median step, log-prob and update seconds, peak memory bytes], each the largest
-    rank's figure, or None where it ran out of GPU memory; and the images' grid [1, 3]."""
+    """Per variant: [median seconds of the step, its log-prob passes, its forward + backward and its
+    optimizer step; peak memory bytes], each the largest rank's figure, or None where it ran out of GPU
+    memory; and the images' grid [1, 3]."""
     variants = algorithms(args.ref_kl)
     rounds = args.warmup + args.iters
     policy = RandomPolicy(cfg, rounds * len(variants), with_ref=args.ref_kl, with_engine=False)
@@ -274,7 +295,7 @@ def run(args: argparse.Namespace, cfg: TrainConfig) -> tuple[dict[str, list[floa
     )
     device = "cuda" if torch.cuda.is_available() else "cpu"
     seqs = to_device(seqs, device)
-    samples: dict[str, list[tuple[float, float]] | None] = {name: [] for name in variants}
+    samples: dict[str, list[list[float]] | None] = {name: [] for name in variants}
     peaks = dict.fromkeys(variants, 0.0)
     for round_ in range(rounds):
         for name, algo in variants.items():  # interleaved: drifts of a shared machine hit all alike
@@ -283,26 +304,19 @@ def run(args: argparse.Namespace, cfg: TrainConfig) -> tuple[dict[str, list[floa
             cfg.algorithm = algo
             _reset_peak_memory()
             try:
-                log_prob_s, update_s = bench.timed_step(seqs)
+                phases = bench.timed_step(seqs)
             except torch.OutOfMemoryError:  # one GPU: with more ranks the others would wait in a collective
                 samples[name] = None
                 torch.cuda.empty_cache()
                 continue
-            stats = torch.tensor([log_prob_s, update_s, _peak_memory()], dtype=torch.float64, device=device)
+            stats = torch.tensor([*phases, _peak_memory()], dtype=torch.float64, device=device)
             dist.all_reduce(stats, op=dist.ReduceOp.MAX)
-            log_prob_s, update_s, peak = stats.tolist()
+            *phases, peak = stats.tolist()
             peaks[name] = max(peaks[name], peak)
             if round_ >= args.warmup:
-                samples[name].append((log_prob_s, update_s))
+                samples[name].append([sum(phases), *phases])
     results = {
-        name: None
-        if runs is None
-        else [
-            statistics.median(lp + up for lp, up in runs),
-            statistics.median(lp for lp, _ in runs),
-            statistics.median(up for _, up in runs),
-            peaks[name],
-        ]
+        name: None if runs is None else [*map(statistics.median, zip(*runs, strict=True)), peaks[name]]
         for name, runs in samples.items()
     }
     return results, grid
@@ -347,15 +361,13 @@ def report(
         if figures is None:
             print(_row([name] + ["OOM"] * (len(HEADER) - 1)))
             continue
-        step_s, log_prob_s, update_s, memory = figures
+        *seconds, memory = figures
+        step_s, _, fwd_bwd_s, _ = seconds
         log_prob_passes, update_passes = forward_passes(variants[name])
-        cells = [
-            f"{step_s * 1e3:.1f}",
-            f"{log_prob_s * 1e3:.1f}",
-            f"{update_s * 1e3:.1f}",
+        cells = [f"{x * 1e3:.1f}" for x in seconds] + [
             f"{tokens / step_s:.1f}",
             f"{(log_prob_passes + update_passes) * forward / step_s / peak:.4f}",
-            f"{update_passes * forward / update_s / peak:.4f}",
+            f"{update_passes * forward / fwd_bwd_s / peak:.4f}",
             f"{memory / MIB:.1f}",
             f"{step_s / baseline[0]:.3f}" if baseline else "-",
         ]
