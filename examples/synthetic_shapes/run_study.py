@@ -62,7 +62,7 @@ class StudySize:
     eval: dict[str, Any] = field(default_factory=dict)
     hacking: dict[str, Any] = field(default_factory=dict)  # merged over ``rl``
     nproc: int = 1  # processes per run (tensor parallel size times data parallel size)
-    jobs: int = 1  # RL runs at once (each with cpu_count / jobs threads)
+    jobs: int = 1  # RL runs and evaluations at once (each with 1 / jobs of the CPU threads)
 
 
 def merge(base: dict[str, Any], *updates: dict[str, Any]) -> dict[str, Any]:
@@ -90,7 +90,8 @@ class Study:
             with open(self.timings_path, encoding="utf-8") as f:
                 self.timings = json.load(f)
         self.lock = threading.Lock()
-        self.threads = max(1, len(os.sched_getaffinity(0)) // (size.nproc * size.jobs))
+        self.cpus_per_process = max(1, len(os.sched_getaffinity(0)) // size.nproc)
+        self.parallel = 1  # processes running at once
 
     def log(self, text: str) -> None:
         elapsed = int(time.monotonic() - self.start)
@@ -136,7 +137,7 @@ class Study:
     def launch(self, name: str, args: list[str], log_path: str) -> None:
         """``torchrun ... megatron_papo.cli ARGS``, output to ``log_path``; raises if it fails."""
         cmd = ["torchrun", "--standalone", f"--nproc_per_node={self.size.nproc}", "-m", "megatron_papo.cli"]
-        env = dict(os.environ, OMP_NUM_THREADS=str(self.threads))
+        env = dict(os.environ, OMP_NUM_THREADS=str(max(1, self.cpus_per_process // self.parallel)))
         self.log(f"{name}: start ({' '.join(cmd[4:] + args)}; log {log_path})")
         start = time.monotonic()
         with open(log_path, "a", encoding="utf-8") as log:
@@ -191,6 +192,7 @@ class Study:
         self.make_data()
         self.make_model()
         self.sft()
+        self.parallel = self.size.jobs
         with ThreadPoolExecutor(self.size.jobs) as pool:
             futures = [pool.submit(self.evaluate, "sft", None)] + [pool.submit(self.rl, r) for r in self.runs]
             for future in futures:
