@@ -15,6 +15,10 @@ One step, on every rank:
    schedule with the PAPO loss on the last pipeline stage, then DDP gradient reduction, clipping and one
    optimizer step. With ``masked_grad`` a micro-batch carries the original and masked images together.
 6. **Weight sync** of the new policy into the rollout engine, metrics, checkpoint.
+
+With an engine that reports log-probs (vLLM servers) the gap between its log-probs and the trainer's
+pre-update ones is logged each step (``rollout/logprob_mismatch``), and ``rollout.tis_cap`` turns on the
+truncated importance-sampling correction of the policy-gradient term.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from megatron_papo.papo.advantages import dynamic_sampling_keep, grpo_advantages
 from megatron_papo.papo.loss import papo_loss
 from megatron_papo.policy import Policy
 from megatron_papo.rewards.registry import RewardOutput
+from megatron_papo.rollout.correction import logprob_mismatch, truncated_importance_weights
 from megatron_papo.rollout.distributed import generate_in_model_parallel_group
 from megatron_papo.rollout.engine import RolloutRequest
 from megatron_papo.training.hacking import HackingDetector
@@ -43,18 +48,20 @@ from megatron_papo.training.sequences import (
     micro_batch,
     micro_batch_indices,
     padded_length,
+    response_token_values,
 )
 
 
 @dataclass
 class Group:
-    """One prompt, its masked images and its ``n`` scored responses."""
+    """One prompt, its masked images and its ``n`` scored responses (with the engine's log-probs)."""
 
     prompt: EncodedPrompt
     masked_pixel_values: torch.Tensor | None
     responses: list[torch.Tensor]
     finished: list[bool]
     rewards: list[RewardOutput]
+    logprobs: list[torch.Tensor | None]
 
 
 def prompt_seed(seed: int, step: int, uid: str) -> int:
@@ -130,6 +137,7 @@ class Trainer(TrainingLoop):
                     responses=responses,
                     finished=[r.finished for r in rollouts],
                     rewards=[self.prompts.reward_fn(t, prompt.answer, prompt.answer_type) for t in texts],
+                    logprobs=[r.logprobs for r in rollouts],
                 )
             )
         return groups
@@ -183,7 +191,7 @@ class Trainer(TrainingLoop):
         advantages = grpo_advantages(scores, n, scale_by_std=self.cfg.algorithm.scale_advantages_by_std)
         prompts = [g.prompt.input_ids for g in groups for _ in range(n)]
         responses = [r for g in groups for r in g.responses]
-        return build_sequences(
+        seqs = build_sequences(
             prompts,
             responses,
             pixel_values=[g.prompt.pixel_values for g in groups for _ in range(n)],
@@ -194,6 +202,10 @@ class Trainer(TrainingLoop):
             length=padded_length(prompts, responses),
             position_fn=self.policy.position_ids,
         )
+        logprobs = [lp for g in groups for lp in g.logprobs]
+        if all(lp is not None for lp in logprobs):
+            seqs.token_data["rollout_log_probs"] = response_token_values(prompts, logprobs, seqs.length)
+        return seqs
 
     # ---------------------------------------------------------------- passes over the policy
 
@@ -226,6 +238,17 @@ class Trainer(TrainingLoop):
         if not ps.is_pipeline_last_stage():
             seqs.token_data.clear()
         return time.monotonic() - start
+
+    def _rollout_correction(self, seqs: StepSequences) -> dict[str, float]:
+        """The engine vs trainer log-prob gap (and, with ``rollout.tis_cap``, the truncated importance
+        weights in ``token_data``), on the last pipeline stage when the engine reports log-probs."""
+        rollout_lp = seqs.token_data.get("rollout_log_probs")
+        if rollout_lp is None or not ps.is_pipeline_last_stage():
+            return {}
+        old, mask, cap = seqs.token_data["old_log_probs"], seqs.loss_mask, self.cfg.rollout.tis_cap
+        if cap is not None:
+            seqs.token_data["rollout_is_weights"] = truncated_importance_weights(old, rollout_lp, mask, cap)
+        return {"rollout/logprob_mismatch": logprob_mismatch(old, rollout_lp, mask)}
 
     def _update(self, seqs: StepSequences) -> dict[str, float]:
         """``ppo_epochs`` passes of mini-batch optimizer steps over ``seqs``; returns averaged metrics."""
@@ -263,6 +286,7 @@ class Trainer(TrainingLoop):
                         temperature=cfg.rollout.temperature,
                         progress=progress,
                         global_token_count=_tokens if algo.global_token_mean else None,
+                        rollout_is_weights=batch.get("rollout_is_weights"),
                     )
                     if algo.global_token_mean:
                         loss = loss * _scale
@@ -300,6 +324,7 @@ class Trainer(TrainingLoop):
             return metrics | {"perf/rollout_s": rollout_time}
         seqs = self._sequences(groups)
         log_prob_time = self._compute_token_data(seqs)
+        metrics |= self._rollout_correction(seqs)
         update_start = time.monotonic()
         metrics |= self._update(seqs)
         update_time = time.monotonic() - update_start
@@ -308,6 +333,7 @@ class Trainer(TrainingLoop):
         total = time.monotonic() - start
         tokens = torch.tensor([float(seqs.attention_mask.sum())])
         dist.all_reduce(tokens, group=ps.get_data_parallel_group())
+        metrics |= self.policy.engine.last_stats  # rollout tokens/s, sync time and size
         return metrics | {
             "perf/rollout_s": rollout_time,
             "perf/log_prob_s": log_prob_time,

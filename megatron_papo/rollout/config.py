@@ -8,7 +8,12 @@ from typing import Literal
 
 @dataclass
 class RolloutConfig:
-    """Sampling of ``n`` responses per prompt (reference recipe: n=5, T=1.0, top_p=0.99)."""
+    """Sampling of ``n`` responses per prompt (reference recipe: n=5, T=1.0, top_p=0.99).
+
+    ``backend`` vllm: rollouts from the OpenAI-compatible servers ``vllm_urls`` (tools/launch_vllm.sh).
+    ``tis_cap``: truncated importance sampling of the policy-gradient term by
+    ``min(pi_old / pi_rollout, tis_cap)`` per token (off when None; needs the vllm backend's log-probs).
+    """
 
     backend: Literal["embedded", "vllm"] = "embedded"
     n: int = 5
@@ -16,6 +21,7 @@ class RolloutConfig:
     top_p: float = 0.99
     max_new_tokens: int = 2048
     vllm_urls: list[str] = field(default_factory=list)
+    tis_cap: float | None = None
 
     def __post_init__(self) -> None:
         if self.n < 1:
@@ -28,3 +34,8 @@ class RolloutConfig:
             raise ValueError(f"rollout.max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.backend == "vllm" and not self.vllm_urls:
             raise ValueError("rollout.backend is 'vllm' but rollout.vllm_urls is empty")
+        if self.tis_cap is not None and (self.tis_cap <= 0 or self.backend != "vllm"):
+            raise ValueError(
+                f"rollout.tis_cap must be > 0 and needs rollout.backend 'vllm' (the engine's log-probs), "
+                f"got tis_cap={self.tis_cap}, backend={self.backend!r}"
+            )

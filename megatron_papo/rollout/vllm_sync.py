@@ -72,7 +72,9 @@ def write_weight_directory(
         file_name = checkpoint_name(name)
         if file_name in bucket or file_name in weight_map:
             raise ValueError(f"weight sync: {name!r} was given twice")
-        bucket[file_name] = tensor.detach().contiguous().cpu()
+        tensor = tensor.detach().contiguous().cpu()
+        # a tied head is the embedding tensor itself; safetensors refuses to write shared storage
+        bucket[file_name] = tensor.clone() if tied and name == HEAD else tensor
         nbytes = tensor.numel() * tensor.element_size()
         size += nbytes
         total += nbytes

