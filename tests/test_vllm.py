@@ -182,7 +182,7 @@ def test_training_with_vllm_rollouts_and_weight_sync(model, servers, tmp_path):
     synced = out / "vllm_weights" / "v4"
     assert sorted(os.listdir(out / "vllm_weights")) == ["v4"]  # older versions removed, no .tmp left
     info = json.loads(urllib.request.urlopen(f"{url}/weight_info", timeout=10).read())
-    assert info["weight_version"] == "4"
+    assert info["weight_version"].endswith("-4")
     trained, initial = (
         load_file(str(synced / "model-00001.safetensors")),
         load_file(f"{model}/model.safetensors"),
@@ -236,15 +236,18 @@ def test_server_killed_mid_rollout_loses_nothing(model, servers, tmp_path):
 
 
 class _Fake(http.server.BaseHTTPRequestHandler):
-    """Healthy, lists model ``tiny``, and answers every POST with the server's ``answer`` (status, body)."""
+    """Lists model ``tiny``, answers other GETs with the server's ``health`` and every POST with its
+    ``answer`` (status, body); records the paths asked for in ``paths``."""
 
     def do_GET(self):
+        self.server.paths.append(self.path)
         status, body = self.server.health
         if self.path == "/v1/models":
             status, body = 200, json.dumps({"data": [{"id": "tiny"}]})
         self._reply(status, body)
 
     def do_POST(self):
+        self.server.paths.append(self.path)
         self.rfile.read(int(self.headers["Content-Length"]))
         self._reply(*self.server.answer)
 
@@ -264,7 +267,11 @@ class fake_server:  # noqa: N801 (a context manager used like a function)
 
     def __init__(self, body: str, status: int = 200, health: tuple[int, str] = (200, "")) -> None:
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Fake)
-        self.httpd.answer, self.httpd.health = (status, body), health
+        self.httpd.answer, self.httpd.health, self.httpd.paths = (status, body), health, []
+
+    @property
+    def paths(self) -> list[str]:
+        return self.httpd.paths
 
     def __enter__(self) -> str:
         threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
@@ -362,6 +369,17 @@ def test_weight_directory_is_complete_atomic_and_holds_the_tied_head(model, tmp_
     with pytest.raises(ValueError, match="1 missing .*embed_tokens"):
         write_weight_directory(weights.items(), str(tmp_path / "v2"), model, tied=True, bucket_bytes=1 << 30)
     assert sorted(os.listdir(tmp_path)) == ["v1"]
+
+
+def test_server_down_during_a_sync_is_reloaded_before_it_is_used_again(model, tmp_path):
+    fake = fake_server("{}", health=(200, json.dumps({"weight_version": None})))
+    with fake as url:
+        eng = engine(model, [url], tmp_path, retry_down_after_s=0.0)
+        eng.weights_path, eng.weights_version = str(tmp_path / "v1"), 1
+        eng.servers[0].mark_down("killed")
+        assert eng._acquire(set()) is eng.servers[0] and not eng.servers[0].down
+    rpc = ["/collective_rpc", "/reset_mm_cache", "/reset_encoder_cache", "/reset_prefix_cache"]
+    assert fake.paths == ["/health", "/weight_info", *rpc, "/update_weight_version"]
 
 
 def test_launch_script_refuses_a_directory_without_a_model(tmp_path):

@@ -7,6 +7,7 @@ test can kill it (API server, engine core and worker) at once, as a crash would.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -62,24 +63,20 @@ class VllmServerProcess:
 
     def kill(self) -> None:
         """SIGKILL the server's whole process group (as a crash would) and reap it."""
-        self.kill_group()
+        self._signal_group(signal.SIGKILL)
         self.proc.wait(timeout=30)
 
     def stop(self) -> None:
         """SIGTERM the process group; SIGKILL what is left 20 s later (or at once after the leader exits)."""
-        try:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            return
-        try:
-            self.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            pass
-        self.kill_group()
-        self.proc.wait(timeout=30)
+        if self._signal_group(signal.SIGTERM):
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(timeout=20)
+        self.kill()
 
-    def kill_group(self) -> None:
+    def _signal_group(self, sig: signal.Signals) -> bool:
+        """Send ``sig`` to the server's process group; False when no process of it is left."""
         try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
+            os.killpg(self.proc.pid, sig)
+            return True
         except ProcessLookupError:
-            pass
+            return False

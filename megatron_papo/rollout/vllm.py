@@ -37,6 +37,7 @@ import re
 import shutil
 import threading
 import time
+import uuid
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -151,6 +152,9 @@ class VllmEngine:
         self.model = cfg.model
         self.weights_version = 0
         self.weights_path: str | None = None
+        # the version a server reports names this engine too: a server that outlived an earlier run (or
+        # serves another trainer) never passes for holding this run's weights
+        self._run_tag = uuid.uuid4().hex[:12]
         self.last_stats: dict[str, float] = {}
         self._lock = threading.Lock()
         self._retries = 0
@@ -185,9 +189,10 @@ class VllmEngine:
         if self.weights_path is None:
             return
         timeout = self.cfg.request_timeout_s
+        version = f"{self._run_tag}-{self.weights_version}"
         info = server.request("GET", "/weight_info", None, self.cfg.health_timeout_s)
         try:
-            if json.loads(info)["weight_version"] == str(self.weights_version):
+            if json.loads(info)["weight_version"] == version:
                 return
         except (ValueError, KeyError, TypeError) as e:
             raise ServerError(server.url, f"malformed /weight_info answer: {info[:200]!r}") from e
@@ -197,7 +202,7 @@ class VllmEngine:
         # the old weights must not be reused, and the worker-side caches must not desync from them
         for cache in ("/reset_mm_cache", "/reset_encoder_cache", "/reset_prefix_cache"):
             server.post_json(cache, {}, timeout)
-        server.post_json("/update_weight_version", {"new_version": str(self.weights_version)}, timeout)
+        server.post_json("/update_weight_version", {"new_version": version}, timeout)
 
     def _revive(self, server: VllmServer) -> bool:
         """A down server whose wait is over: back in use if healthy and (re)loaded with current weights."""
@@ -352,7 +357,6 @@ class VllmEngine:
         rank0 = not dist.is_initialized() or dist.get_rank() == 0
         version = self.weights_version + 1
         path = os.path.join(os.path.abspath(self.cfg.sync_dir), f"v{version}")
-        nbytes, synced = 0, 0
         if rank0:
             nbytes = write_weight_directory(
                 named_tensors, path, self.hf_path, self.tied, self.cfg.bucket_bytes
@@ -363,6 +367,7 @@ class VllmEngine:
         previous, self.weights_path, self.weights_version = self.weights_path, path, version
         if rank0:
             self._start()
+            synced = 0
             for server in self.servers:
                 if server.down:
                     continue  # reloaded when it is revived
@@ -373,10 +378,8 @@ class VllmEngine:
                     server.mark_down(str(e))
             if previous is not None:
                 shutil.rmtree(previous, ignore_errors=True)
+            # only the writing rank reports these: metrics are averaged over the ranks reporting them
+            self.last_stats |= {"sync/bytes": float(nbytes), "sync/servers": float(synced)}
         if dist.is_initialized():
             dist.barrier()
-        self.last_stats |= {
-            "sync/time_s": time.monotonic() - start,
-            "sync/bytes": float(nbytes),
-            "sync/servers": float(synced),
-        }
+        self.last_stats["sync/time_s"] = time.monotonic() - start
