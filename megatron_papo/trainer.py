@@ -230,13 +230,13 @@ class Trainer(TrainingLoop):
         """Fill old / masked / reference log-probs; returns the seconds spent."""
         start = time.monotonic()
         algo = self.cfg.algorithm
-        seqs.token_data["old_log_probs"] = self._token_log_probs(seqs, masked=False)
+        data = {"old_log_probs": self._token_log_probs(seqs, masked=False)}
         if algo.uses_masked_images and not algo.masked_grad:
-            seqs.token_data["masked_log_probs"] = self._token_log_probs(seqs, masked=True)
+            data["masked_log_probs"] = self._token_log_probs(seqs, masked=True)
         if algo.uses_ref_kl:
-            seqs.token_data["ref_log_probs"] = self._token_log_probs(seqs, masked=False, ref=True)
-        if not ps.is_pipeline_last_stage():
-            seqs.token_data.clear()
+            data["ref_log_probs"] = self._token_log_probs(seqs, masked=False, ref=True)
+        if ps.is_pipeline_last_stage():  # only the loss stage holds (and needs) per-token data
+            seqs.token_data.update(data)
         return time.monotonic() - start
 
     def _rollout_correction(self, seqs: StepSequences) -> dict[str, float]:

@@ -86,6 +86,12 @@ class Qwen25VLModel(MegatronModule):
             position_embedding_type="mrope",
             rotary_base=int(text.rope_parameters["rope_theta"]),
         )
+        # read by megatron-core's finalize_model_grads: tied embedding grads are summed across the first
+        # and last pipeline stages
+        self.share_embeddings_and_output_weights = self.language_model.share_embeddings_and_output_weights
+
+    def shared_embedding_or_output_weight(self) -> torch.nn.Parameter | None:
+        return self.language_model.shared_embedding_or_output_weight()
 
     def set_input_tensor(self, input_tensor) -> None:
         self.language_model.set_input_tensor(input_tensor)

@@ -32,9 +32,11 @@ def initialize_distributed(
     else:
         cpu_bridge.install()
     if not dist.is_initialized():
+        # torchrun: env:// also joins the launcher's own store (``--standalone``, ``--master_port=0``)
+        tcp = f"tcp://{launch.master_addr}:{launch.master_port}"
         dist.init_process_group(
             backend=backend,
-            init_method=f"tcp://{launch.master_addr}:{launch.master_port}",
+            init_method="env://" if launch.launcher == "torchrun" else tcp,
             rank=launch.rank,
             world_size=launch.world_size,
             timeout=datetime.timedelta(minutes=cfg.timeout_minutes),
