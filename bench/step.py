@@ -42,6 +42,7 @@ from megatron_papo.config import TrainConfig, TrainerConfig
 from megatron_papo.models import ModelConfig, build_model, mrope_position_ids
 from megatron_papo.papo.config import AlgorithmConfig
 from megatron_papo.parallel import ParallelConfig, destroy_distributed, initialize_distributed
+from megatron_papo.parallel.device import current_device
 from megatron_papo.planner.architectures import QWEN2_5_VL, LanguageArch, ModelArch, VisionArch
 from megatron_papo.planner.flops import language_forward_flops, vision_forward_flops
 from megatron_papo.policy import Policy
@@ -97,7 +98,7 @@ class RandomPolicy(Policy):
 
     def _build_loaded(self) -> torch.nn.Module:
         model = build_model(self.cfg.model)
-        return model.cuda() if torch.cuda.is_available() else model
+        return model.to(current_device())
 
 
 class StepBench(Trainer):
@@ -378,7 +379,7 @@ def main(argv: list[str] | None = None) -> None:
     args = _parse(argv)
     cuda = torch.cuda.is_available()
     dtype = args.dtype or ("bfloat16" if cuda else "float32")
-    # NCCL for the GPU tensors; gloo for the CPU ones that Policy.train_step all-reduces
+    # NCCL for the model's tensors; gloo for this script's host-side all-reduces (peak FLOPs)
     parallel = ParallelConfig(args.tp, args.pp, backend="cpu:gloo,cuda:nccl" if cuda else "gloo")
     initialize_distributed(parallel, seed=args.seed)
     try:

@@ -11,6 +11,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from megatron_papo.config import TrainConfig
+from megatron_papo.parallel.device import current_device
 from megatron_papo.policy import Policy
 from megatron_papo.rollout.distributed import generate_in_model_parallel_group
 from megatron_papo.rollout.engine import RolloutRequest
@@ -37,7 +38,8 @@ def evaluate(cfg: TrainConfig, policy: Policy, seed: int) -> dict[str, float]:
     if cfg.eval.max_prompts:
         limit = min(limit, -(-cfg.eval.max_prompts // dp_size))
     prompts = source.next_prompts(limit)
-    totals = torch.zeros(5, dtype=torch.float64)  # acc, masked acc, format, masked format, responses
+    # accuracy, masked accuracy, format, masked format, responses
+    totals = torch.zeros(5, dtype=torch.float64, device=current_device())
     for masked in (False, True):
         requests = [
             RolloutRequest(

@@ -16,6 +16,7 @@ from transformers import AutoConfig
 from megatron_papo.config import TrainConfig
 from megatron_papo.models import build_model, export_hf_state_dict, load_hf_weights, mrope_position_ids
 from megatron_papo.ops.vocab_parallel import log_probs_and_entropy
+from megatron_papo.parallel.device import current_device
 from megatron_papo.rollout.embedded import EmbeddedEngine
 from megatron_papo.rollout.engine import RolloutEngine
 from megatron_papo.training.optimizer import build_optimizer, distributed_optimizer_enabled
@@ -28,7 +29,7 @@ def build_rollout_engine(cfg: TrainConfig, eos_token_id: int, pad_token_id: int)
         from megatron_papo.rollout.vllm import VllmEngine
 
         return VllmEngine.from_config(cfg)
-    return EmbeddedEngine(cfg.model.hf_path, cfg.rollout, eos_token_id, pad_token_id)
+    return EmbeddedEngine(cfg.model.hf_path, cfg.rollout, eos_token_id, pad_token_id, device=current_device())
 
 
 class Policy:
@@ -72,7 +73,7 @@ class Policy:
             self.cfg.model, pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage()
         )
         load_hf_weights(model, self.cfg.model.hf_path)
-        return model
+        return model.to(current_device())
 
     def position_ids(
         self, input_ids: torch.Tensor, image_grid_thw: torch.Tensor | None, attention_mask: torch.Tensor
@@ -104,7 +105,8 @@ class Policy:
         self.optimizer.zero_grad()
         outputs = run_schedule(self.model, batches, loss_fn, forward_only=False)
         bad = torch.tensor(
-            [float(any(not torch.isfinite(torch.as_tensor(o["actor/loss"])) for o in outputs))]
+            [float(any(not torch.isfinite(torch.as_tensor(o["actor/loss"])) for o in outputs))],
+            device=current_device(),
         )
         torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
         metrics = {

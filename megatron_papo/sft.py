@@ -15,6 +15,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from megatron_papo.models import save_hf_directory
+from megatron_papo.parallel.device import current_device
 from megatron_papo.policy import Policy
 from megatron_papo.training.loop import TrainingLoop
 from megatron_papo.training.sequences import (
@@ -61,7 +62,7 @@ class SFTTrainer(TrainingLoop):
     def train_step(self) -> dict[str, float]:
         start = time.monotonic()
         seqs = self._batch()
-        tokens = seqs.loss_mask.sum().reshape(1)
+        tokens = seqs.loss_mask.sum().reshape(1).to(current_device())
         dist.all_reduce(tokens, group=ps.get_data_parallel_group())
         order = torch.arange(len(seqs))
         batches = [

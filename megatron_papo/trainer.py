@@ -35,6 +35,7 @@ from megatron.core import parallel_state as ps
 from megatron_papo.data.encode import EncodedPrompt
 from megatron_papo.papo.advantages import dynamic_sampling_keep, grpo_advantages
 from megatron_papo.papo.loss import papo_loss
+from megatron_papo.parallel.device import current_device
 from megatron_papo.policy import Policy
 from megatron_papo.rewards.registry import RewardOutput
 from megatron_papo.rollout.correction import logprob_mismatch, truncated_importance_weights
@@ -163,7 +164,7 @@ class Trainer(TrainingLoop):
             if len(kept) >= self.prompts_per_rank or tries >= algo.max_tries:
                 break
         # every DP rank must run the same number of micro-batches: agree on the smallest full count
-        count = torch.tensor([min(len(kept), self.prompts_per_rank)])
+        count = torch.tensor([min(len(kept), self.prompts_per_rank)], device=current_device())
         dist.all_reduce(count, op=dist.ReduceOp.MIN, group=ps.get_data_parallel_group())
         n, mbs = self.cfg.rollout.n, self.cfg.trainer.micro_batch_size
         usable = int(count)
@@ -224,7 +225,7 @@ class Trainer(TrainingLoop):
         outputs = self.policy.forward_only(batches, loss_fn, ref=ref)
         if not outputs:
             return torch.empty(0)
-        return torch.cat([o["log_probs"] for o in outputs])
+        return torch.cat([o["log_probs"] for o in outputs]).cpu()  # step data stays on the host
 
     def _compute_token_data(self, seqs: StepSequences) -> float:
         """Fill old / masked / reference log-probs; returns the seconds spent."""
@@ -264,7 +265,7 @@ class Trainer(TrainingLoop):
             order = torch.randperm(len(seqs), generator=generator)
             for start in range(0, len(order) - per_update + 1, per_update):
                 chunk = order[start : start + per_update]
-                tokens = seqs.loss_mask[chunk].sum().reshape(1)
+                tokens = seqs.loss_mask[chunk].sum().reshape(1).to(current_device())
                 dist.all_reduce(tokens, group=ps.get_data_parallel_group())
                 batches = [self._update_batch(seqs, idx) for idx in micro_batch_indices(chunk, mbs)]
                 scale = len(batches) * self.dp_size  # undo the schedule's and DDP's averaging
@@ -331,7 +332,7 @@ class Trainer(TrainingLoop):
         sync_start = time.monotonic()
         self.policy.sync_rollout_weights()
         total = time.monotonic() - start
-        tokens = torch.tensor([float(seqs.attention_mask.sum())])
+        tokens = torch.tensor([float(seqs.attention_mask.sum())], device=current_device())
         dist.all_reduce(tokens, group=ps.get_data_parallel_group())
         metrics |= self.policy.engine.last_stats  # rollout tokens/s, sync time and size
         return metrics | {

@@ -17,12 +17,14 @@ from typing import Any
 import torch
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from megatron_papo.parallel.device import to_device
+
 Batch = dict[str, Any]
 LossFn = Callable[[Batch, torch.Tensor], tuple[torch.Tensor, dict[str, Any]]]
 
 
 def _forward_step(loss_fn: LossFn, data_iterator, model):
-    batch = next(data_iterator)
+    batch = to_device(next(data_iterator))
     output = model(
         input_ids=batch["input_ids"],
         position_ids=batch["position_ids"],
