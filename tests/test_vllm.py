@@ -102,7 +102,7 @@ def server_prompt_log_probs(url: str, ids: list[int]) -> torch.Tensor:
 
 
 @requires_vllm
-def test_rollouts_with_images_from_two_servers(model, servers, tmp_path):
+def test_rollouts_with_images_from_two_servers(model, servers, tmp_path, monkeypatch):
     """n samples per image prompt, per-token log-probs equal to transformers', spread over both servers;
     the request's seed fixes its samples whichever server answers."""
     eng = engine(model, [s.url for s in servers], tmp_path, max_in_flight_per_server=2)
@@ -114,11 +114,9 @@ def test_rollouts_with_images_from_two_servers(model, servers, tmp_path):
         return post(server, path, body, timeout)
 
     requests = [request(model, seed) for seed in range(6)]
-    VllmServer.post_json = counting
-    try:
-        out = eng.generate(requests, n=2)
-    finally:
-        VllmServer.post_json = post
+    monkeypatch.setattr(VllmServer, "post_json", counting)
+    out = eng.generate(requests, n=2)
+    monkeypatch.undo()
     assert sorted(calls) == sorted(s.url for s in servers) and sum(calls.values()) == 6, calls
     stats = eng.last_stats
     assert stats["rollout/tokens"] == sum(len(r.response_ids) for o in out for r in o) > 0
