@@ -38,6 +38,7 @@ class CheckpointConfig:
     save_interval: int = 0  # steps between saves; 0: only at the end of the run
     keep_last: int = 2
     resume: bool = False
+    overwrite: bool = False  # a new run may replace the checkpoints already in ``dir``
 
     def __post_init__(self) -> None:
         if self.save_interval < 0 or self.keep_last < 1:
@@ -49,6 +50,25 @@ class CheckpointConfig:
 
 def _step_dir(root: str, step: int) -> str:
     return os.path.join(root, f"iter_{step:07d}")
+
+
+def check_fresh_start(cfg: CheckpointConfig) -> None:
+    """Before a run that does not resume: refuse to replace ``cfg.dir``'s checkpoints unless
+    ``cfg.overwrite``; with it, global rank 0 removes them (so keep-last pruning sees only the new run)."""
+    step = latest_step(cfg.dir)
+    if cfg.resume or step is None:
+        return
+    if not cfg.overwrite:
+        raise ValueError(
+            f"checkpoint.dir {cfg.dir} already holds a run (step {step}): continue it with --resume, "
+            "start over with checkpoint.overwrite=true, or choose another checkpoint.dir"
+        )
+    if dist.get_rank() == 0:
+        for name in os.listdir(cfg.dir):
+            if name.startswith("iter_") or name.startswith(LATEST):
+                path = os.path.join(cfg.dir, name)
+                shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+    dist.barrier()
 
 
 def latest_step(root: str) -> int | None:

@@ -20,7 +20,12 @@ from megatron_papo.evaluate import evaluate
 from megatron_papo.models.config import load_hf_config
 from megatron_papo.parallel import initialize_distributed
 from megatron_papo.policy import Policy
-from megatron_papo.training.checkpointing import latest_step, load_checkpoint, save_checkpoint
+from megatron_papo.training.checkpointing import (
+    check_fresh_start,
+    latest_step,
+    load_checkpoint,
+    save_checkpoint,
+)
 from megatron_papo.training.metrics import MetricsLogger
 from megatron_papo.training.prompts import PromptSource
 
@@ -46,6 +51,7 @@ class TrainingLoop:
         self.cfg = cfg
         load_hf_config(cfg.model.hf_path)  # a wrong model path fails before any heavy work
         initialize_distributed(cfg.parallel, seed=cfg.trainer.seed)
+        check_fresh_start(cfg.checkpoint)
         self.dp_rank, self.dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
         self.out_dir = cfg.trainer.output_dir
         self.prompts = PromptSource(
