@@ -157,7 +157,8 @@ class Study:
             self.log(f"{name}: done before, skipped")
             return
         config = self.run_config(run_dir, sections)
-        self.launch(name, [command, "--config", config], os.path.join(run_dir, "log.txt"))
+        # --resume: an interrupted run continues from its last checkpoint (a fresh one just starts)
+        self.launch(name, [command, "--config", config, "--resume"], os.path.join(run_dir, "log.txt"))
         open(done, "w").close()
 
     def sft(self) -> None:
