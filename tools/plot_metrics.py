@@ -43,13 +43,13 @@ def plot(paths: list[str], out: str) -> str:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(2, 3, figsize=(14, 7))
-    for path in paths:
+    for i, path in enumerate(paths):
         rows = read_metrics(path)
         label = os.path.basename(os.path.dirname(os.path.abspath(path)))
         for ax, (key, title) in zip(axes.flat, PANELS, strict=True):
             points = [(r["step"], r[key]) for r in rows if key in r]
-            if points:
-                ax.plot(*zip(*points, strict=True), marker=".", label=label)
+            if points:  # a run's colour is the same in every panel, also where another run has no points
+                ax.plot(*zip(*points, strict=True), marker=".", label=label, color=f"C{i % 10}")
             ax.set_title(title)
             ax.set_xlabel("step")
     axes.flat[0].legend()
