@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -37,6 +38,7 @@ from megatron_papo.config_io import load_config
 from megatron_papo.data.config import SyntheticConfig
 from megatron_papo.data.synthetic import write_synthetic
 from megatron_papo.models.tiny import TinyQwen25VLSpec, make_tiny_qwen25vl
+from megatron_papo.training.hacking import HackingDetector, HackingDetectorConfig
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "..", "tools"))
@@ -210,6 +212,12 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
+def replay(rule: HackingDetectorConfig, rows: list[dict[str, float]]) -> list[int]:
+    """The steps ``rule`` flags in a run's metrics, as the trainer's detector would have."""
+    detector = HackingDetector(rule)
+    return [r["step"] for r in rows if detector.update(r)]
+
+
 def _last(rows: list[dict[str, float]], key: str, window: int = 3) -> float | None:
     values = [r[key] for r in rows if key in r][-window:]
     return statistics.fmean(values) if values else None
@@ -241,13 +249,18 @@ class Report:
         return _mean_std(values) if values else None
 
     def hacking(self) -> dict[str, Any]:
+        """The demo run's flags (logged by the trainer), and its detector rule replayed on every run's
+        metrics (false positives on the healthy runs) beside the default rule's verdict."""
         rows = self.metrics.get(HACKING_RUN, [])
-        flagged = [r["step"] for r in rows if r.get("papo/hacking_flag") == 1.0]
         kl = [r["papo/kl_prc"] for r in rows if "papo/kl_prc" in r]
-        gamma = merge(self.study.size.rl, self.study.size.hacking).get("algorithm", {}).get("gamma")
+        config = load_train_config(self.study.path("rl", HACKING_RUN, "config.in.yaml"))
+        rule = config.logging.hacking_detector
         return {
-            "gamma": gamma,
-            "flagged_steps": flagged,
+            "gamma": config.algorithm.gamma,
+            "detector": dataclasses.asdict(rule),
+            "flagged_steps": [r["step"] for r in rows if r.get("papo/hacking_flag") == 1.0],
+            "replayed": {run: replay(rule, m) for run, m in self.metrics.items()},
+            "default_rule": {run: replay(HackingDetectorConfig(), m) for run, m in self.metrics.items()},
             "kl_prc_first": kl[0] if kl else None,
             "kl_prc_max": max(kl, default=None),
         }
@@ -333,15 +346,20 @@ class Report:
             results["hacking"] = hacking
             hack_runs = [HACKING_RUN] + [r for r in runs if r.startswith("papo_g_")][:1]
             plot([study.path("rl", r, "metrics.jsonl") for r in hack_runs], study.path("hacking.png"))
-            verdict = (
-                f"flagged at steps {hacking['flagged_steps']}" if hacking["flagged_steps"] else "not flagged"
-            )
             lines += [
                 "",
                 f"## KL_prc-hacking demo: PAPO-G with gamma = {hacking['gamma']}",
                 "",
-                f"HackingDetector: {verdict}; KL_prc from {hacking['kl_prc_first']} to max "
-                f"{hacking['kl_prc_max']}.",
+                f"HackingDetector {hacking['detector']}: flagged steps {hacking['flagged_steps'] or 'none'} "
+                f"(logged by the trainer as papo/hacking_flag); KL_prc from {hacking['kl_prc_first']:.3g} to "
+                f"max {hacking['kl_prc_max']:.3g}.",
+                "",
+                "| run | steps flagged by this rule (replayed) | by the default rule (replayed) |",
+                "|---|---|---|",
+                *(
+                    f"| {run} | {hacking['replayed'][run] or '-'} | {hacking['default_rule'][run] or '-'} |"
+                    for run in hacking["replayed"]
+                ),
                 "",
                 "![hacking](hacking.png)",
             ]
