@@ -21,8 +21,13 @@ def _run_loop(args: argparse.Namespace) -> None:
     else:
         from megatron_papo.trainer import Trainer as Loop
 
+    from megatron_papo.training.loop import TrainingDiverged
+
     overrides = list(args.overrides) + (["checkpoint.resume=true"] if args.resume else [])
-    Loop(load_train_config(args.config, overrides)).run()
+    try:
+        Loop(load_train_config(args.config, overrides)).run()
+    except TrainingDiverged as e:
+        sys.exit(f"megatron-papo: stopped: {e}")
 
 
 def _eval(args: argparse.Namespace) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 
 import torch
@@ -20,7 +21,7 @@ from megatron_papo.parallel.device import current_device
 from megatron_papo.rollout.embedded import EmbeddedEngine
 from megatron_papo.rollout.engine import RolloutEngine
 from megatron_papo.training.optimizer import build_optimizer, distributed_optimizer_enabled
-from megatron_papo.training.schedule import Batch, LossFn, run_schedule
+from megatron_papo.training.schedule import Batch, LossFn, run_schedule, tolerate_non_finite
 
 
 def build_rollout_engine(cfg: TrainConfig, eos_token_id: int, pad_token_id: int) -> RolloutEngine:
@@ -103,6 +104,7 @@ class Policy:
         for chunk in self.model:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
+        loss_fn = tolerate_non_finite(loss_fn, lambda batch: {"actor/loss": float("nan")})
         outputs = run_schedule(self.model, batches, loss_fn, forward_only=False)
         bad = torch.tensor(
             [float(any(not torch.isfinite(torch.as_tensor(o["actor/loss"])) for o in outputs))],
@@ -110,7 +112,7 @@ class Policy:
         )
         torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
         metrics = {
-            k: sum(float(o[k]) for o in outputs) / len(outputs) for k in (outputs[0] if outputs else {})
+            k: sum(float(o.get(k, math.nan)) for o in outputs) / len(outputs) for k in set().union(*outputs)
         }
         if bad.item():
             for chunk in self.model:

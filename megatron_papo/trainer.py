@@ -24,6 +24,7 @@ truncated importance-sampling correction of the policy-gradient term.
 from __future__ import annotations
 
 import hashlib
+import math
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -43,6 +44,7 @@ from megatron_papo.rollout.distributed import generate_in_model_parallel_group
 from megatron_papo.rollout.engine import RolloutRequest
 from megatron_papo.training.hacking import HackingDetector
 from megatron_papo.training.loop import TrainingLoop
+from megatron_papo.training.schedule import tolerate_non_finite
 from megatron_papo.training.sequences import (
     StepSequences,
     build_sequences,
@@ -222,7 +224,10 @@ class Trainer(TrainingLoop):
             lp, _ = self.policy.log_probs(logits, batch["labels"])
             return torch.zeros(()), {"log_probs": lp.detach()}
 
-        outputs = self.policy.forward_only(batches, loss_fn, ref=ref)
+        def diverged(batch):  # NaN log-probs make the update's loss NaN: the step is skipped
+            return {"log_probs": torch.full(batch["labels"].shape, math.nan)}
+
+        outputs = self.policy.forward_only(batches, tolerate_non_finite(loss_fn, diverged), ref=ref)
         if not outputs:
             return torch.empty(0)
         return torch.cat([o["log_probs"] for o in outputs]).cpu()  # step data stays on the host

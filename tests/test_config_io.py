@@ -35,6 +35,8 @@ def test_yaml_and_overrides(tmp_path):
     assert isinstance(cfg.inner.lr, float)
     assert to_dict(cfg)["inner"]["sizes"] == [3, 4]
     assert load_config(Outer, None, []) == Outer()
+    # YAML 1.1 leaves exponents without a dot as strings: a float field still takes them
+    assert load_config(Outer, None, ["inner.lr=1e30"]).inner.lr == 1e30
 
 
 @pytest.mark.parametrize(
@@ -43,6 +45,7 @@ def test_yaml_and_overrides(tmp_path):
         (["inner.lrr=1"], r"unknown config key\(s\) \['inner.lrr'\]; valid keys of inner: \['kind', 'lr'"),
         (["steps=1.5"], "steps: expected an integer, got 1.5"),
         (["flag=1"], "flag: expected true/false"),
+        (["inner.lr=fast"], "inner.lr: expected a number, got 'fast'"),
         (["inner.kind=c"], r"inner.kind: 'c' is not one of \['a', 'b'\]"),
         (["inner.lr=-1"], "inner: lr must be > 0, got -1.0"),
         (["inner=3"], "expected a mapping for section Inner"),

@@ -7,4 +7,4 @@ from megatron_papo.ops.vocab_parallel import (
     log_probs_entropies_and_kl,
 )
 
-__all__ = ["full_kl", "kl_estimate", "log_probs_and_entropy", "log_probs_entropies_and_kl"]
+__all__ = ["NonFiniteError", "full_kl", "kl_estimate", "log_probs_and_entropy", "log_probs_entropies_and_kl"]

@@ -105,6 +105,11 @@ def _to_global(
     return global_max, factor, shard * _world(group)[1]
 
 
+class NonFiniteError(ValueError):
+    """Logits or log-probs hold NaN / +inf: a diverged model rather than a caller's mistake. The trainer
+    turns it into a skipped update (``training.schedule.tolerate_non_finite``)."""
+
+
 def _check_reduced(name: str, bad: torch.Tensor, mass: torch.Tensor) -> None:
     """Raise (on every rank alike: the inputs are all-reduced) on NaN / +inf or fully masked tokens."""
     for what, rows in (
@@ -113,7 +118,8 @@ def _check_reduced(name: str, bad: torch.Tensor, mass: torch.Tensor) -> None:
     ):
         if rows.any():
             tokens = rows.nonzero().flatten()
-            raise ValueError(f"{name} holds {what} at token(s) {tokens[:8].tolist()} ({len(tokens)} in all)")
+            error = NonFiniteError if what.startswith("NaN") else ValueError
+            raise error(f"{name} holds {what} at token(s) {tokens[:8].tolist()} ({len(tokens)} in all)")
 
 
 def _shard_sums(z: torch.Tensor, local_t: torch.Tensor, in_shard: torch.Tensor):

@@ -27,7 +27,12 @@ from __future__ import annotations
 
 import torch
 
-from megatron_papo.ops.vocab_parallel import kl_estimate, log_probs_and_entropy, log_probs_entropies_and_kl
+from megatron_papo.ops.vocab_parallel import (
+    NonFiniteError,
+    kl_estimate,
+    log_probs_and_entropy,
+    log_probs_entropies_and_kl,
+)
 from megatron_papo.papo.config import AlgorithmConfig
 
 
@@ -61,7 +66,9 @@ def _response_values(name: str, values: torch.Tensor, mask: torch.Tensor, fill: 
     refused. No gradient."""
     bad = ~torch.isfinite(values) & (mask > 0)
     if bad.any():
-        raise ValueError(f"{name} is not finite on response tokens, at indices {bad.nonzero()[:4].tolist()}")
+        raise NonFiniteError(
+            f"{name} is not finite on response tokens, at indices {bad.nonzero()[:4].tolist()}"
+        )
     return torch.where(mask > 0, values, fill).detach()
 
 

@@ -98,6 +98,8 @@ class EmbeddedEngine:
                 top_p=self.cfg.top_p,
                 top_k=0,
                 suppress_tokens=self.vision_token_ids,
+                # diverged weights (NaN / inf logits) still sample; the trainer then skips the update
+                remove_invalid_values=True,
                 max_new_tokens=self.cfg.max_new_tokens,
                 eos_token_id=self.eos_token_id,
                 pad_token_id=self.pad_token_id,

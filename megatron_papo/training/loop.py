@@ -42,6 +42,10 @@ def average_over_ranks(metrics: dict[str, float]) -> dict[str, float]:
     return {k: _mean([m[k] for m in everyone if k in m]) for k in sorted(keys)}
 
 
+class TrainingDiverged(RuntimeError):
+    """Too many consecutive steps with a non-finite loss."""
+
+
 class TrainingLoop:
     """Subclasses set ``self.policy`` in ``build()`` and implement ``train_step()``."""
 
@@ -121,14 +125,15 @@ class TrainingLoop:
             stop = self.after_step(metrics) or stop
             if self.metrics is not None:
                 self.metrics.log(self.step, metrics)
-            bad_steps = bad_steps + 1 if metrics.get("actor/update_skipped") == 1.0 else 0
+            bad_steps = bad_steps + 1 if metrics.get("actor/update_skipped", 0.0) > 0 else 0
             if bad_steps:
                 self.log(f"step {self.step}: non-finite loss, update skipped ({bad_steps} in a row)")
-            if bad_steps >= cfg.trainer.max_bad_steps:
-                self.save()
-                raise RuntimeError(
+            if bad_steps >= cfg.trainer.max_bad_steps:  # no save: the weights may be what diverged
+                saved = latest_step(cfg.checkpoint.dir)
+                raise TrainingDiverged(
                     f"{bad_steps} consecutive steps with a non-finite loss (trainer.max_bad_steps="
-                    f"{cfg.trainer.max_bad_steps}); stopping at step {self.step}"
+                    f"{cfg.trainer.max_bad_steps}); stopping at step {self.step}; "
+                    + (f"the step-{saved} checkpoint is untouched" if saved else "nothing was saved")
                 )
             interval = cfg.checkpoint.save_interval
             if (interval and self.step % interval == 0) or last or stop:

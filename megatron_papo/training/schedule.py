@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from megatron_papo.ops.vocab_parallel import NonFiniteError
 from megatron_papo.parallel.device import to_device
 
 Batch = dict[str, Any]
@@ -33,6 +34,20 @@ def _forward_step(loss_fn: LossFn, data_iterator, model):
         image_grid_thw=batch["image_grid_thw"],
     )
     return output, partial(loss_fn, batch)
+
+
+def tolerate_non_finite(loss_fn: LossFn, fallback: Callable[[Batch], dict[str, Any]]) -> LossFn:
+    """``loss_fn`` that answers NaN / inf inputs (``NonFiniteError``, raised alike on every TP rank) with a
+    NaN loss and ``fallback(batch)`` outputs instead of an exception, so every pipeline stage finishes the
+    schedule and the step can be skipped together (``Policy.train_step``)."""
+
+    def wrapped(batch: Batch, logits: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+        try:
+            return loss_fn(batch, logits)
+        except NonFiniteError:
+            return logits.sum() * float("nan"), fallback(batch)
+
+    return wrapped
 
 
 def run_schedule(
