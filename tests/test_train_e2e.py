@@ -182,3 +182,20 @@ def test_empty_data_set_fails_before_the_model_is_built(tmp_path, tiny_model):
     assert result.returncode != 0
     assert f"shard {empty} holds no samples" in result.stdout + result.stderr
     assert "Setting up optimizer" not in result.stdout + result.stderr
+
+
+def test_papo_raises_a_reward_the_policy_can_reach(tmp_path, tiny_model):
+    """The sign and scale of the whole update: rewarding the letter "e" makes responses use more of it."""
+    reward = tmp_path / "reward_e.py"
+    reward.write_text(
+        "def letter_e(response, answer, answer_type):\n"
+        "    text = response.replace(' ', '')\n"
+        "    return {'score': text.count('e') / max(len(text), 1), 'accuracy': 0.0, 'format': 0.0}\n"
+    )
+    rows, _ = train(
+        tmp_path, "learn", tiny_model, 1, f"reward.function={reward}:letter_e", "optimizer.lr=3e-3",
+        "trainer.steps=10", "trainer.rollout_batch_size=4", "trainer.update_batch_size=4",
+        "trainer.micro_batch_size=8", "rollout.n=8", "rollout.max_new_tokens=16",
+    )  # fmt: skip
+    rewards = [r["reward/mean"] for r in rows]
+    assert sum(rewards[-3:]) / 3 > 1.5 * sum(rewards[:3]) / 3, rewards
