@@ -5,6 +5,7 @@ import os
 import pytest
 import torch
 from multiprocess import run_distributed
+from tiny_gpt import tiny_gpt
 
 from megatron_papo.training.checkpointing import CheckpointConfig, latest_step
 
@@ -12,15 +13,11 @@ SEQ, VOCAB = 16, 64
 
 
 def _build(seed: int):
-    from megatron.core import parallel_state as ps
     from megatron.core.distributed import (
         DistributedDataParallel,
         DistributedDataParallelConfig,
         finalize_model_grads,
     )
-    from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-    from megatron.core.transformer import TransformerConfig
 
     from megatron_papo.training.optimizer import (
         OptimizerConfig,
@@ -29,31 +26,8 @@ def _build(seed: int):
     )
 
     torch.manual_seed(seed)
-    cfg = TransformerConfig(
-        num_layers=2,
-        hidden_size=32,
-        num_attention_heads=4,
-        num_query_groups=2,
-        ffn_hidden_size=64,
-        tensor_model_parallel_size=ps.get_tensor_model_parallel_world_size(),
-        pipeline_model_parallel_size=ps.get_pipeline_model_parallel_world_size(),
-        use_cpu_initialization=True,
-        normalization="RMSNorm",
-        gated_linear_unit=True,
-        add_bias_linear=False,
-        pipeline_dtype=torch.float32,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
-    )
-    model = GPTModel(
-        cfg,
-        get_gpt_layer_local_spec(normalization="RMSNorm"),
-        vocab_size=VOCAB,
-        max_sequence_length=SEQ,
-        pre_process=ps.is_pipeline_first_stage(),
-        post_process=ps.is_pipeline_last_stage(),
-        position_embedding_type="rope",
-    )
+    model = tiny_gpt(VOCAB, SEQ, tied=True)
+    cfg = model.config
     opt_cfg = OptimizerConfig(lr=1e-2, lr_schedule="cosine", warmup_steps=1)
     ddp = DistributedDataParallel(
         cfg,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -13,7 +12,7 @@ import webdataset as wds
 from PIL import Image
 from transformers.image_transforms import convert_to_rgb
 
-from megatron_papo.data.shard_format import ANSWER_TYPES, JSON_SUFFIX
+from megatron_papo.data.shard_format import ANSWER_TYPES, JSON_SUFFIX, json_object
 
 
 class DataError(ValueError):
@@ -107,13 +106,9 @@ def decode_sample(raw: RawSample) -> PromptSample:
     if JSON_SUFFIX not in raw.members:
         raise bad(f"no .{JSON_SUFFIX} member (members: {sorted(raw.members)})")
     try:
-        meta = json.loads(raw.members[JSON_SUFFIX].decode("utf-8"))
-    except UnicodeDecodeError as e:
-        raise bad(f".json is not valid UTF-8 ({e})") from e
-    except json.JSONDecodeError as e:
-        raise bad(f".json is not valid JSON ({e})") from e
-    if not isinstance(meta, dict):
-        raise bad(f".json must hold an object, got {type(meta).__name__}")
+        meta = json_object(raw.members[JSON_SUFFIX])
+    except ValueError as e:
+        raise bad(f".json {e}") from e
     for name in ("id", "prompt", "answer", "answer_type", "num_images"):
         if name not in meta:
             raise bad(f".json lacks the field {name!r}")

@@ -9,7 +9,6 @@ ViRL39K layout is ``RowSchema(id_key="qid", prompt_key="question", images_key="i
 from __future__ import annotations
 
 import base64
-import json
 import logging
 import os
 from collections.abc import Iterator
@@ -17,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from megatron_papo.data.records import DataError
-from megatron_papo.data.shard_format import ShardSample
+from megatron_papo.data.shard_format import ShardSample, json_object
 from megatron_papo.data.shard_writer import ShardWriter
 
 logger = logging.getLogger(__name__)
@@ -65,13 +64,9 @@ def iter_rows(path: str) -> Iterator[tuple[str, dict[str, Any]]]:
                 continue
             location = f"{path}:line {number}"
             try:
-                record = json.loads(line.decode("utf-8"))
-            except UnicodeDecodeError as e:
-                raise DataError(f"{location}: not valid UTF-8 ({e})") from e
-            except json.JSONDecodeError as e:
-                raise DataError(f"{location}: not valid JSON ({e})") from e
-            if not isinstance(record, dict):
-                raise DataError(f"{location}: a row must be a JSON object, got {type(record).__name__}")
+                record = json_object(line)
+            except ValueError as e:
+                raise DataError(f"{location}: {e}") from e
             yield location, record
 
 

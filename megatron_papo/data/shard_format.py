@@ -36,6 +36,19 @@ def sample_key(index: int) -> str:
     return f"{index:09d}"
 
 
+def json_object(data: bytes) -> dict[str, Any]:
+    """``data`` decoded as a UTF-8 JSON object; ``ValueError`` saying what is wrong otherwise."""
+    try:
+        value = json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"not valid UTF-8 ({e})") from e
+    except json.JSONDecodeError as e:
+        raise ValueError(f"not valid JSON ({e})") from e
+    if not isinstance(value, dict):
+        raise ValueError(f"must hold a JSON object, got {type(value).__name__}")
+    return value
+
+
 def inspect_image(data: bytes) -> tuple[str, tuple[int, int]]:
     """(file extension, (width, height)) of encoded image ``data``; ValueError if PIL cannot decode it."""
     try:

@@ -26,6 +26,7 @@ from megatron.core import parallel_state as ps
 from safetensors import safe_open
 
 from megatron_papo.models.vision import export_hf_vision_weights, load_hf_vision_weights
+from megatron_papo.parallel.gather import tp_gather
 
 LM, VISION, HEAD = "model.language_model.", "model.visual.", "lm_head.weight"
 EMBED = f"{LM}embed_tokens.weight"
@@ -210,15 +211,6 @@ def load_hf_weights(model, hf_dir: str) -> None:
         load_hf_vision_weights(model.vision, checkpoint, VISION)
 
 
-def _tp_gather(shard: torch.Tensor) -> list[torch.Tensor]:
-    tp = ps.get_tensor_model_parallel_world_size()
-    if tp == 1:
-        return [shard.clone()]
-    shards = [torch.empty_like(shard) for _ in range(tp)]
-    dist.all_gather(shards, shard.contiguous(), group=ps.get_tensor_model_parallel_group())
-    return shards
-
-
 def _stage_tensors(model) -> Iterator[tuple[str, torch.Tensor]]:
     """This stage's (name, full tensor) pairs, gathered over TP (a TP collective)."""
     params = dict(model.named_parameters())
@@ -226,7 +218,7 @@ def _stage_tensors(model) -> Iterator[tuple[str, torch.Tensor]]:
     if model.vision is not None:
         yield from export_hf_vision_weights(model.vision, VISION)
     for name, entry in parameter_map(model).items():
-        full = _to_full(model, entry, _tp_gather(params[name].detach()))
+        full = _to_full(model, entry, tp_gather(params[name].detach()))
         if entry.hf == (HEAD,) and tied:
             continue  # the embedding's copy: exported with the embedding
         yield from zip(entry.hf, full, strict=True)

@@ -18,10 +18,10 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from megatron_papo.models.vision.encoder import Qwen25VisionEncoder
+from megatron_papo.parallel.gather import tp_gather
 
 
 @dataclass(frozen=True)
@@ -126,21 +126,11 @@ def load_hf_vision_weights(
         params[name].copy_(local)
 
 
-def _tp_gather(shard: torch.Tensor) -> list[torch.Tensor]:
-    """Copies of ``shard`` from every TP rank (never the parameter itself: exports must not alias it)."""
-    tp = ps.get_tensor_model_parallel_world_size()
-    if tp == 1:
-        return [shard.clone()]
-    shards = [torch.empty_like(shard) for _ in range(tp)]
-    dist.all_gather(shards, shard.contiguous(), group=ps.get_tensor_model_parallel_group())
-    return shards
-
-
 @torch.no_grad()
 def export_hf_vision_weights(encoder: Qwen25VisionEncoder, prefix: str) -> Iterator[tuple[str, torch.Tensor]]:
     """(HF name, full tensor) for every vision weight, gathered over TP: every rank of the TP group gets
     the same tensors (a collective: all its ranks must iterate it to the end, in step)."""
     params = dict(encoder.named_parameters())
     for name, entry in vision_parameter_map(encoder).items():
-        full = _unshard(encoder, entry, _tp_gather(params[name].detach()))
+        full = _unshard(encoder, entry, tp_gather(params[name].detach()))
         yield from zip((prefix + n for n in entry.hf), full, strict=True)
