@@ -114,10 +114,7 @@ class Policy:
         metrics = {
             k: sum(float(o.get(k, math.nan)) for o in outputs) / len(outputs) for k in set().union(*outputs)
         }
-        if bad.item():
-            for chunk in self.model:
-                chunk.zero_grad_buffer()
-            self.optimizer.zero_grad()
+        if bad.item():  # the gradients are left as they are: the next step zeroes them first
             return metrics | {"actor/update_skipped": 1.0}
         ok, grad_norm, _ = self.optimizer.step()
         self.scheduler.step(increment=1)
