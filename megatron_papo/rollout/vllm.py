@@ -11,14 +11,16 @@ malformed answer marks that server down and the request moves to another one; a 
 (``/health``) again after ``retry_down_after_s`` and, if its weights are stale, reloaded before use. A
 4xx answer (the request itself is wrong) is raised at once.
 
-**Weight sync (portable path).** Global rank 0 writes the exported HF tensors bucket by bucket as a
-safetensors directory under ``sync_dir`` (which the servers must see: shared storage), renamed into
-place once complete, then asks each server to reload from it through vLLM's dev-mode endpoints
-(``VLLM_SERVER_DEV_MODE=1``): ``POST /collective_rpc`` with ``reload_weights(weights_path=...)``, then
-``/reset_mm_cache``, ``/reset_encoder_cache``, ``/reset_prefix_cache`` (caches of the old weights, and
-the scheduler's view of the worker's caches, which the reload cleared), ``/update_weight_version``. The
-NCCL fast path (vLLM's ``/init_weight_transfer_engine`` + ``/update_weights``) is not implemented: see
-docs/vllm.md.
+**Weight sync.** ``weight_sync: directory`` (portable): global rank 0 writes the exported HF tensors bucket
+by bucket as a safetensors directory under ``sync_dir`` (which the servers must see: shared storage),
+renamed into place once complete, then asks each server to reload from it through vLLM's dev-mode
+endpoints (``VLLM_SERVER_DEV_MODE=1``): ``POST /collective_rpc`` with ``reload_weights(weights_path=...)``.
+``weight_sync: broadcast`` (fast path, no file): the buckets go straight from rank 0 into the servers'
+workers over a process group per server (NCCL on GPUs, gloo on CPUs) through vLLM's weight-transfer
+endpoints and the ``megatron_papo`` engine of ``vllm_plugin``; see ``vllm_broadcast``. Either way the
+server then drops the caches of the old weights and reports the new version (``VllmServer.commit``).
+A server that is down during a sync gets the weights before it is used again: from the directory, or
+(broadcast) at the next sync, staying out of use until then.
 
 **Log-probs.** ``Rollout.logprobs`` are the server's log-probs of the sampled tokens. tools/launch_vllm.sh
 starts servers with ``--logprobs-mode processed_logprobs``: the distribution actually sampled from (after
@@ -41,6 +43,7 @@ import uuid
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.distributed as dist
@@ -49,8 +52,9 @@ from transformers import AutoConfig
 
 from megatron_papo.rollout.config import RolloutConfig
 from megatron_papo.rollout.engine import Rollout, RolloutRequest, rollout_stats
+from megatron_papo.rollout.vllm_broadcast import BroadcastSync
 from megatron_papo.rollout.vllm_http import ServerError, VllmServer, wait_until_healthy
-from megatron_papo.rollout.vllm_sync import write_weight_directory
+from megatron_papo.rollout.vllm_sync import checkpoint_tensors, write_weight_directory
 
 IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
 GENERATION_PROMPT = "<|im_start|>assistant\n"
@@ -63,7 +67,11 @@ class VllmConfig:
 
     ``model``: the served model name (None: the first one the server lists). ``min_pixels`` /
     ``max_pixels``: the image resolution range of the trainer's processor, passed to the server's.
-    ``max_attempts``: servers tried per request. ``bucket_bytes``: tensors per safetensors shard.
+    ``max_attempts``: servers tried per request. ``bucket_bytes``: tensors per safetensors shard or
+    broadcast. ``weight_sync``: directory or broadcast (module docstring); for broadcast, ``sync_backend``
+    (gloo or nccl; None: nccl when CUDA is available), ``sync_host`` (the address servers reach the trainer
+    at; None: this machine's address on the route to each server) and ``sync_timeout_s`` (joining a group,
+    one broadcast).
     """
 
     urls: list[str]
@@ -78,6 +86,10 @@ class VllmConfig:
     bucket_bytes: int = 1 << 30
     min_pixels: int | None = None
     max_pixels: int | None = None
+    weight_sync: Literal["directory", "broadcast"] = "directory"
+    sync_backend: Literal["gloo", "nccl"] | None = None
+    sync_host: str | None = None
+    sync_timeout_s: float = 600.0
 
     def __post_init__(self) -> None:
         if not self.urls:
@@ -85,7 +97,11 @@ class VllmConfig:
         for url in self.urls:
             if not url.startswith(("http://", "https://")):
                 raise ValueError(f"vllm.urls: {url!r} is not an http(s) URL")
-        for name in ("request_timeout_s", "startup_timeout_s", "health_timeout_s"):
+        if self.weight_sync not in ("directory", "broadcast"):
+            raise ValueError(f"vllm weight_sync must be 'directory' or 'broadcast', got {self.weight_sync!r}")
+        if self.sync_backend not in (None, "gloo", "nccl"):
+            raise ValueError(f"vllm sync_backend must be 'gloo' or 'nccl', got {self.sync_backend!r}")
+        for name in ("request_timeout_s", "startup_timeout_s", "health_timeout_s", "sync_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"vllm.{name} must be > 0, got {getattr(self, name)}")
         for name in ("max_attempts", "max_in_flight_per_server", "bucket_bytes"):
@@ -152,9 +168,15 @@ class VllmEngine:
         self.model = cfg.model
         self.weights_version = 0
         self.weights_path: str | None = None
-        # the version a server reports names this engine too: a server that outlived an earlier run (or
-        # serves another trainer) never passes for holding this run's weights
+        # the version a server reports names this run too (every rank's engine takes rank 0's tag at the
+        # first sync): a server that outlived an earlier run, or serves another trainer, never passes for
+        # holding this run's weights
         self._run_tag = uuid.uuid4().hex[:12]
+        self.broadcast = (
+            BroadcastSync(cfg.sync_backend, cfg.sync_host, cfg.sync_timeout_s, cfg.request_timeout_s)
+            if cfg.weight_sync == "broadcast"
+            else None
+        )
         self.last_stats: dict[str, float] = {}
         self._lock = threading.Lock()
         self._retries = 0
@@ -167,6 +189,8 @@ class VllmEngine:
             sync_dir=os.path.join(cfg.trainer.output_dir, "vllm_weights"),
             min_pixels=cfg.data.min_pixels,
             max_pixels=cfg.data.max_pixels,
+            weight_sync=cfg.rollout.vllm_weight_sync,
+            sync_host=cfg.rollout.vllm_sync_host,
         )
         return cls(vllm, cfg.rollout, cfg.model.hf_path)
 
@@ -184,25 +208,29 @@ class VllmEngine:
         except (ValueError, KeyError, IndexError, TypeError) as e:
             raise ServerError(server.url, f"malformed /v1/models answer: {raw[:200]!r}") from e
 
+    @property
+    def version(self) -> str:
+        """The version string of the latest synced weights, as servers report it."""
+        return f"{self._run_tag}-{self.weights_version}"
+
     def _reload(self, server: VllmServer) -> None:
-        """Load the latest synced weights into ``server`` (skipped when it already holds them)."""
-        if self.weights_path is None:
+        """Give ``server`` the latest synced weights (nothing when it already holds them). After a
+        broadcast sync it missed, a server stays out of use (``ServerError``) until the next sync."""
+        if self.weights_version == 0:
             return
-        timeout = self.cfg.request_timeout_s
-        version = f"{self._run_tag}-{self.weights_version}"
         info = server.request("GET", "/weight_info", None, self.cfg.health_timeout_s)
         try:
-            if json.loads(info)["weight_version"] == version:
+            if json.loads(info)["weight_version"] == self.version:
                 return
         except (ValueError, KeyError, TypeError) as e:
             raise ServerError(server.url, f"malformed /weight_info answer: {info[:200]!r}") from e
+        if self.broadcast is not None:
+            self.broadcast.groups.pop(server.url, None)
+            raise ServerError(server.url, f"missed the broadcast of {self.version}; rejoins at the next sync")
+        timeout = self.cfg.request_timeout_s
         rpc = {"method": "reload_weights", "kwargs": {"weights_path": self.weights_path}, "timeout": timeout}
         server.post_json("/collective_rpc", rpc, timeout)
-        # the scheduler's and renderer's caches outlive the worker's reload: image embeddings and KV of
-        # the old weights must not be reused, and the worker-side caches must not desync from them
-        for cache in ("/reset_mm_cache", "/reset_encoder_cache", "/reset_prefix_cache"):
-            server.post_json(cache, {}, timeout)
-        server.post_json("/update_weight_version", {"new_version": version}, timeout)
+        server.commit(self.version, timeout)
 
     def _revive(self, server: VllmServer) -> bool:
         """A down server whose wait is over: back in use if healthy and (re)loaded with current weights."""
@@ -351,35 +379,59 @@ class VllmEngine:
     # ---------------------------------------------------------------- weight sync
 
     def sync_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Write the weights (global rank 0) and reload every up server from them; a collective when
-        ``torch.distributed`` is initialised (every rank iterates ``named_tensors``, then a barrier)."""
+        """Send the weights (global rank 0) to every up server, by directory or broadcast; a collective
+        when ``torch.distributed`` is initialised (every rank iterates ``named_tensors``, then a barrier)."""
         start = time.monotonic()
         rank0 = not dist.is_initialized() or dist.get_rank() == 0
-        version = self.weights_version + 1
-        path = os.path.join(os.path.abspath(self.cfg.sync_dir), f"v{version}")
-        if rank0:
-            nbytes = write_weight_directory(
-                named_tensors, path, self.hf_path, self.tied, self.cfg.bucket_bytes
-            )
-        else:
+        if dist.is_initialized() and self.weights_version == 0:
+            tag = [self._run_tag]
+            dist.broadcast_object_list(tag, src=0)
+            self._run_tag = tag[0]
+        self.weights_version += 1
+        if not rank0:
             for _ in named_tensors:  # take part in the export's gathers
                 pass
-        previous, self.weights_path, self.weights_version = self.weights_path, path, version
-        if rank0:
-            self._start()
-            synced = 0
-            for server in self.servers:
-                if server.down:
-                    continue  # reloaded when it is revived
-                try:
-                    self._reload(server)
-                    synced += 1
-                except ServerError as e:
-                    server.mark_down(str(e))
-            if previous is not None:
-                shutil.rmtree(previous, ignore_errors=True)
-            # only the writing rank reports these: metrics are averaged over the ranks reporting them
-            self.last_stats |= {"sync/bytes": float(nbytes), "sync/servers": float(synced)}
+        elif self.broadcast is not None:
+            self._broadcast_sync(named_tensors)
+        else:
+            self._directory_sync(named_tensors)
         if dist.is_initialized():
             dist.barrier()
         self.last_stats["sync/time_s"] = time.monotonic() - start
+
+    def _directory_sync(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        previous = self.weights_path
+        self.weights_path = os.path.join(os.path.abspath(self.cfg.sync_dir), f"v{self.weights_version}")
+        nbytes = write_weight_directory(
+            named_tensors, self.weights_path, self.hf_path, self.tied, self.cfg.bucket_bytes
+        )
+        self._start()
+        synced = 0
+        for server in self.servers:
+            if server.down:
+                continue  # reloaded when it is revived
+            try:
+                self._reload(server)
+                synced += 1
+            except ServerError as e:
+                server.mark_down(str(e))
+        if previous is not None:
+            shutil.rmtree(previous, ignore_errors=True)
+        # only the syncing rank reports these: metrics are averaged over the ranks reporting them
+        self.last_stats |= {"sync/bytes": float(nbytes), "sync/servers": float(synced)}
+
+    def _broadcast_sync(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        assert self.broadcast is not None
+        self._start()
+        # a down server that answers again rejoins now: it gets these weights with the others
+        targets = [s for s in self.servers if not s.down or s.healthy(self.cfg.health_timeout_s)]
+        pairs = checkpoint_tensors(named_tensors, self.hf_path, self.tied)
+        live, nbytes = self.broadcast.sync(targets, pairs, self.cfg.bucket_bytes)
+        for server in live:
+            try:
+                server.commit(self.version, self.cfg.request_timeout_s)
+                server.mark_up()
+            except ServerError as e:
+                self.broadcast.drop(server, e)
+        synced = sum(not s.down for s in live)
+        self.last_stats |= {"sync/bytes": float(nbytes), "sync/servers": float(synced)}

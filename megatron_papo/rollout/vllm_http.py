@@ -81,6 +81,13 @@ class VllmServer:
             raise ServerError(self.url, f"POST {path}: malformed answer (not a JSON object): {raw[:200]!r}")
         return out
 
+    def commit(self, version: str, timeout: float) -> None:
+        """After new weights are loaded: drop the caches of the old ones (image embeddings, KV, and the
+        scheduler's view of the worker's caches, which a reload clears) and report ``version``."""
+        for cache in ("/reset_mm_cache", "/reset_encoder_cache", "/reset_prefix_cache"):
+            self.post_json(cache, {}, timeout)
+        self.post_json("/update_weight_version", {"new_version": version}, timeout)
+
     def healthy(self, timeout: float) -> bool:
         """Whether ``GET /health`` answers 200 within ``timeout`` seconds (``last_error`` says why not)."""
         try:

@@ -1,10 +1,12 @@
-"""Exported policy weights -> a safetensors directory that vLLM servers reload from (portable weight sync).
+"""Exported policy weights -> the checkpoint-named buckets vLLM servers load, and the safetensors directory
+of the portable weight sync.
 
 The (``state_dict()`` name, full tensor) pairs of ``megatron_papo.models.export_hf_state_dict`` arrive
-stream-wise; they are renamed to checkpoint-file names (``model.layers.*``, ``visual.*``) and written
-bucket by bucket, one safetensors shard per bucket, so at most one bucket is held in memory. The directory
-is built as ``<out>.tmp`` and renamed to ``<out>`` once complete: a server never reads a half-written
-directory.
+stream-wise; they are renamed to checkpoint-file names (``model.layers.*``, ``visual.*``) and grouped in
+buckets, so at most one bucket is held in memory. Broadcast sync sends each bucket as one message
+(``megatron_papo.rollout.weight_group``); directory sync writes one safetensors shard per bucket. The
+directory is built as ``<out>.tmp`` and renamed to ``<out>`` once complete: a server never reads a
+half-written directory.
 
 With tied embeddings ``lm_head.weight`` (the embedding matrix) is written too, unlike ``save_pretrained``:
 vLLM 0.32's in-place ``reload_weights`` re-creates the embedding but puts the output layer's old tensor
@@ -17,7 +19,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import torch
 from safetensors import safe_open
@@ -39,6 +41,49 @@ def checkpoint_tensor_names(hf_dir: str) -> set[str]:
     return names
 
 
+def checkpoint_tensors(
+    named_tensors: Iterable[tuple[str, torch.Tensor]], source_dir: str, tied: bool
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """The exported (``state_dict()`` name, tensor) pairs as (checkpoint-file name, tensor) pairs.
+
+    Once the pairs are exhausted, the names must have been exactly those of ``source_dir``'s checkpoint
+    (plus ``lm_head.weight`` when ``tied``), else ``ValueError`` naming what is missing or unexpected
+    (vLLM itself only warns about weights it did not reload). Checked at the end, not on the way: every
+    rank must finish the export's gathers.
+    """
+    expected = checkpoint_tensor_names(source_dir) | ({HEAD} if tied else set())
+    seen: set[str] = set()
+    for name, tensor in named_tensors:
+        file_name = checkpoint_name(name)
+        if file_name in seen:
+            raise ValueError(f"weight sync: {name!r} was given twice")
+        seen.add(file_name)
+        yield file_name, tensor.detach()
+    missing, unexpected = expected - seen, seen - expected
+    if missing or unexpected:
+        raise ValueError(
+            f"weight sync: the exported weights do not match the checkpoint of {source_dir!r}: "
+            f"{len(missing)} missing (e.g. {sorted(missing)[:3]}), "
+            f"{len(unexpected)} unexpected (e.g. {sorted(unexpected)[:3]})"
+        )
+
+
+def buckets(
+    pairs: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int
+) -> Iterator[list[tuple[str, torch.Tensor]]]:
+    """``pairs`` in consecutive groups of about ``bucket_bytes`` (a group ends once it reaches that size)."""
+    bucket: list[tuple[str, torch.Tensor]] = []
+    size = 0
+    for name, tensor in pairs:
+        bucket.append((name, tensor))
+        size += tensor.numel() * tensor.element_size()
+        if size >= bucket_bytes:
+            yield bucket
+            bucket, size = [], 0
+    if bucket:
+        yield bucket
+
+
 def write_weight_directory(
     named_tensors: Iterable[tuple[str, torch.Tensor]],
     out_dir: str,
@@ -47,50 +92,27 @@ def write_weight_directory(
     bucket_bytes: int,
 ) -> int:
     """Write ``named_tensors`` as the HF directory ``out_dir`` (weights in buckets of about
-    ``bucket_bytes``, plus the non-weight files of ``source_dir``); return the bytes written.
-
-    The names written must be exactly those of ``source_dir``'s checkpoint (plus ``lm_head.weight`` when
-    ``tied``), else ``ValueError`` naming what is missing or unexpected (vLLM itself only warns about
-    weights it did not reload).
+    ``bucket_bytes``, plus the non-weight files of ``source_dir``); return the bytes written. A wrong set
+    of names (see ``checkpoint_tensors``) raises ``ValueError`` and leaves nothing behind.
     """
     out_dir = out_dir.rstrip("/")
     tmp = out_dir + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     weight_map: dict[str, str] = {}
-    bucket: dict[str, torch.Tensor] = {}
-    size = total = 0
-
-    def flush() -> None:
-        nonlocal bucket, size
-        file = f"model-{len(set(weight_map.values())) + 1:05d}.safetensors"
-        save_file(bucket, os.path.join(tmp, file), metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(bucket, file))
-        bucket, size = {}, 0
-
-    for name, tensor in named_tensors:
-        file_name = checkpoint_name(name)
-        if file_name in bucket or file_name in weight_map:
-            raise ValueError(f"weight sync: {name!r} was given twice")
-        tensor = tensor.detach().contiguous().cpu()
-        # a tied head is the embedding tensor itself; safetensors refuses to write shared storage
-        bucket[file_name] = tensor.clone() if tied and name == HEAD else tensor
-        nbytes = tensor.numel() * tensor.element_size()
-        size += nbytes
-        total += nbytes
-        if size >= bucket_bytes:
-            flush()
-    if bucket:
-        flush()
-    expected = checkpoint_tensor_names(source_dir) | ({HEAD} if tied else set())
-    missing, unexpected = expected - set(weight_map), set(weight_map) - expected
-    if missing or unexpected:
+    total = 0
+    try:
+        pairs = checkpoint_tensors(named_tensors, source_dir, tied)
+        for i, bucket in enumerate(buckets(pairs, bucket_bytes)):
+            file = f"model-{i + 1:05d}.safetensors"
+            # a tied head is the embedding tensor itself; safetensors refuses to write shared storage
+            tensors = {name: (t.clone() if name == HEAD else t).contiguous().cpu() for name, t in bucket}
+            save_file(tensors, os.path.join(tmp, file), metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(tensors, file))
+            total += sum(t.numel() * t.element_size() for t in tensors.values())
+    except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise ValueError(
-            f"weight sync: the exported weights do not match the checkpoint of {source_dir!r}: "
-            f"{len(missing)} missing (e.g. {sorted(missing)[:3]}), "
-            f"{len(unexpected)} unexpected (e.g. {sorted(unexpected)[:3]})"
-        )
+        raise
     with open(os.path.join(tmp, INDEX), "w", encoding="utf-8") as f:
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
     copy_non_weight_files(source_dir, tmp)

@@ -1,0 +1,1 @@
+"""Rollout engines (embedded transformers, vLLM servers) and the weight sync into them."""
