@@ -43,16 +43,17 @@ def model(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def servers(model, tmp_path_factory):
-    """Two vLLM servers of ``model``, each on its own CPU core, up for the whole module."""
+    """Two vLLM servers of ``model``, each on its own CPU core, up for the whole module: the first also
+    takes broadcast weight sync (``--weight-sync broadcast``), the second directory sync only."""
     logs = tmp_path_factory.mktemp("vllm_logs")
-    procs = [VllmServerProcess(model, str(logs / f"server{i}.log"), core=i) for i in range(2)]
+    procs = [
+        VllmServerProcess(model, str(logs / f"server{i}.log"), core=i, weight_sync=sync)
+        for i, sync in enumerate(("broadcast", "directory"))
+    ]
     try:
         deadline = time.monotonic() + 600
         for proc in procs:
-            while not VllmServer(proc.url).healthy(timeout=5):
-                if proc.proc.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"vLLM server {proc.url} did not come up:\n{proc.log_tail()}")
-                time.sleep(2)
+            proc.wait_up(deadline)
         yield procs
     finally:
         for proc in procs:
@@ -96,6 +97,26 @@ def server_prompt_log_probs(url: str, ids: list[int]) -> torch.Tensor:
     answer = VllmServer(url).post_json("/v1/completions", body, timeout=60)
     entries = answer["choices"][0]["prompt_logprobs"][1:]
     return torch.tensor([entry[str(t)]["logprob"] for entry, t in zip(entries, ids[1:], strict=True)])
+
+
+def initial_weights(model_dir: str) -> dict[str, torch.Tensor]:
+    """``model_dir``'s weights by module name, as the export gives them (a tied head: the same tensor)."""
+    weights = {module_name(k): v for k, v in load_file(f"{model_dir}/model.safetensors").items()}
+    weights[HEAD] = weights[EMBED]
+    return weights
+
+
+def perturbed_weights(model_dir: str, seed: int, out_dir: str) -> dict[str, torch.Tensor]:
+    """``model_dir``'s weights plus noise, also written as the HF directory ``out_dir``."""
+    g = torch.Generator().manual_seed(seed)
+    weights = {k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in initial_weights(model_dir).items()}
+    weights[HEAD] = weights[EMBED]
+    write_weight_directory(weights.items(), out_dir, model_dir, tied=True, bucket_bytes=1 << 30)
+    return weights
+
+
+def prompt_ids(model_dir: str) -> list[int]:
+    return AutoTokenizer.from_pretrained(model_dir)("how many circles are in the picture")["input_ids"]
 
 
 # ---------------------------------------------------------------- real servers
@@ -148,11 +169,14 @@ def test_rollouts_with_images_from_two_servers(model, servers, tmp_path, monkeyp
 
 
 @requires_vllm
-def test_training_with_vllm_rollouts_and_weight_sync(model, servers, tmp_path):
-    """3 steps of PAPO-G with rollouts from a vLLM server, weights synced after each update: the server's
-    log-probs of the sampled tokens match the trainer's every step, and after the run the server holds the
-    trained weights (its log-probs of a fixed prompt match transformers with the synced directory)."""
-    url, out = servers[0].url, tmp_path / "run"
+@pytest.mark.parametrize("sync", ["directory", "broadcast"])
+def test_training_with_vllm_rollouts_and_weight_sync(model, servers, tmp_path, sync):
+    """3 steps of PAPO-G with rollouts from a vLLM server, weights synced after each update (a safetensors
+    directory the server reloads, or broadcast into its worker): the server's log-probs of the sampled
+    tokens match the trainer's every step, and after the run the server holds the trained weights (its
+    log-probs of a fixed prompt match transformers with the synced directory, or with the final checkpoint
+    converted to HF)."""
+    url, out = servers[0 if sync == "broadcast" else 1].url, tmp_path / "run"
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
         "-m", "megatron_papo.cli", "train", "--config", os.path.join(ROOT, "examples/configs/tiny_cpu.yaml"),
@@ -162,6 +186,7 @@ def test_training_with_vllm_rollouts_and_weight_sync(model, servers, tmp_path):
         "trainer.micro_batch_size=2", "data.synthetic.num_train=8", "data.synthetic.num_test=2",
         "optimizer.lr=0.003", "rollout.n=2", "rollout.max_new_tokens=8",
         "rollout.top_p=1.0", "rollout.backend=vllm", f"rollout.vllm_urls=[{url}]", "rollout.tis_cap=2.0",
+        f"rollout.vllm_weight_sync={sync}",
     ]  # fmt: skip
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
@@ -177,19 +202,39 @@ def test_training_with_vllm_rollouts_and_weight_sync(model, servers, tmp_path):
         assert row["sync/servers"] == 1 and row["sync/bytes"] > 0 and row["sync/time_s"] > 0, row
         assert row["rollout/tokens_per_s"] > 0 and abs(row["actor/tis_weight"] - 1) < 1e-2, row
     # one sync at start-up (the server may hold other weights), one after each update
-    synced = out / "vllm_weights" / "v4"
-    assert sorted(os.listdir(out / "vllm_weights")) == ["v4"]  # older versions removed, no .tmp left
     info = json.loads(urllib.request.urlopen(f"{url}/weight_info", timeout=10).read())
     assert info["weight_version"].endswith("-4")
-    trained, initial = (
-        load_file(str(synced / "model-00001.safetensors")),
-        load_file(f"{model}/model.safetensors"),
-    )
-    assert any(not torch.equal(trained[k], initial[k]) for k in initial)
-    ids = AutoTokenizer.from_pretrained(model)("how many circles are in the picture")["input_ids"]
+    if sync == "directory":
+        trained = out / "vllm_weights" / "v4"
+        assert sorted(os.listdir(out / "vllm_weights")) == ["v4"]  # older versions removed, no .tmp left
+    else:
+        assert not (out / "vllm_weights").exists()  # nothing written: the weights went over the group
+        trained = tmp_path / "trained"
+        convert = [sys.executable, os.path.join(ROOT, "tools/convert_checkpoint.py"), "mcore-to-hf"]
+        convert += ["--ckpt", str(out / "ckpt" / "iter_0000003"), "--hf-dir", model, "--out", str(trained)]
+        result = subprocess.run(convert, capture_output=True, text=True, env=env, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+    weights = {k: v for f in trained.glob("*.safetensors") for k, v in load_file(str(f)).items()}
+    initial = load_file(f"{model}/model.safetensors")
+    assert any(not torch.equal(weights[k], initial[k]) for k in initial)
+    ids = prompt_ids(model)
     served = server_prompt_log_probs(url, ids)
-    assert torch.allclose(served, hf_log_probs(str(synced), ids), atol=1e-4)
+    assert torch.allclose(served, hf_log_probs(str(trained), ids), atol=1e-4)
     assert (served - hf_log_probs(model, ids)).abs().max() > 1e-3  # the sync did change the server
+
+
+@requires_vllm
+def test_broadcast_to_a_server_without_the_engine_fails_before_any_update(model, servers, tmp_path):
+    """A server started without ``--weight-sync broadcast`` fails the sync at once, naming itself and the
+    fix; the other server has not started an update and serves as before."""
+    eng = engine(model, [s.url for s in servers], tmp_path, weight_sync="broadcast")
+    ids = prompt_ids(model)
+    before = server_prompt_log_probs(servers[0].url, ids)
+    with pytest.raises(
+        ServerError, match=rf"{servers[1].url}.*None, not 'megatron_papo'.*--weight-sync broadcast"
+    ):
+        eng.sync_weights(perturbed_weights(model, 0, str(tmp_path / "w")).items())
+    assert torch.equal(server_prompt_log_probs(servers[0].url, ids), before)
 
 
 @requires_vllm
@@ -228,6 +273,50 @@ def test_server_killed_mid_rollout_loses_nothing(model, servers, tmp_path):
     assert all(len(r.response_ids) == len(r.logprobs) > 0 for o in out for r in o)
     assert eng.last_stats["rollout/retries"] >= 1 and eng.last_stats["rollout/servers_up"] == 1
     assert time.monotonic() - start < 120
+
+
+@requires_vllm
+def test_broadcast_server_killed_mid_sync_rejoins_when_restarted(model, servers, tmp_path, monkeypatch):
+    """Broadcast sync into two servers, one SIGKILLed after its first bucket: the sync ends at once (no
+    timeout), the other server holds every new weight, the victim is down. Restarted at its address, the
+    victim rejoins at the next sync (a fresh group) and both hold those weights."""
+    victim = VllmServerProcess(model, str(tmp_path / "victim.log"), core=1, weight_sync="broadcast")
+    try:
+        victim.wait_up(time.monotonic() + 600)
+        urls = [servers[0].url, victim.url]
+        eng = engine(model, urls, tmp_path, weight_sync="broadcast", bucket_bytes=200_000, sync_timeout_s=300)
+        post = VllmServer.post_json
+
+        def kill_after_first_bucket(server, path, body, timeout):
+            answer = post(server, path, body, timeout)
+            if server.url == victim.url and path == "/update_weights" and victim.proc.poll() is None:
+                victim.kill()
+            return answer
+
+        monkeypatch.setattr(VllmServer, "post_json", kill_after_first_bucket)
+        start = time.monotonic()
+        eng.sync_weights(perturbed_weights(model, 1, str(tmp_path / "v1")).items())
+        elapsed = time.monotonic() - start
+        monkeypatch.undo()
+        assert victim.proc.poll() is not None and elapsed < 60, elapsed
+        assert eng.servers[1].down and eng.last_stats["sync/servers"] == 1, eng.servers[1].last_error
+        assert eng.last_stats["sync/bytes"] > 1_000_000  # every bucket went to the survivor
+        ids = prompt_ids(model)
+        assert torch.allclose(
+            server_prompt_log_probs(urls[0], ids), hf_log_probs(str(tmp_path / "v1"), ids), atol=1e-4
+        )
+
+        victim = VllmServerProcess(
+            model, str(tmp_path / "victim2.log"), core=1, weight_sync="broadcast", port=victim.port
+        )
+        victim.wait_up(time.monotonic() + 600)
+        eng.sync_weights(perturbed_weights(model, 2, str(tmp_path / "v2")).items())
+        assert eng.last_stats["sync/servers"] == 2 and not eng.servers[1].down
+        expected = hf_log_probs(str(tmp_path / "v2"), ids)
+        for url in urls:
+            assert torch.allclose(server_prompt_log_probs(url, ids), expected, atol=1e-4), url
+    finally:
+        victim.stop()
 
 
 # ---------------------------------------------------------------- failing servers, no vLLM needed
@@ -354,8 +443,7 @@ def test_server_that_never_comes_up_fails_after_a_bounded_wait(model, tmp_path, 
 def test_weight_directory_is_complete_atomic_and_holds_the_tied_head(model, tmp_path):
     """The sync directory: every checkpoint tensor in buckets, the tied head written (vLLM's reload needs
     it), the index and non-weight files; a wrong set of names leaves nothing behind."""
-    weights = {module_name(k): v for k, v in load_file(f"{model}/model.safetensors").items()}
-    weights[HEAD] = weights[EMBED]  # as the export gives a tied head: the same tensor
+    weights = initial_weights(model)
     out = tmp_path / "v1"
     nbytes = write_weight_directory(weights.items(), str(out), model, tied=True, bucket_bytes=200_000)
     index = json.loads((out / INDEX).read_text())["weight_map"]
@@ -378,6 +466,19 @@ def test_server_down_during_a_sync_is_reloaded_before_it_is_used_again(model, tm
         assert eng._acquire(set()) is eng.servers[0] and not eng.servers[0].down
     rpc = ["/collective_rpc", "/reset_mm_cache", "/reset_encoder_cache", "/reset_prefix_cache"]
     assert fake.paths == ["/health", "/weight_info", *rpc, "/update_weight_version"]
+
+
+def test_server_that_missed_a_broadcast_stays_out_until_the_next_sync(model, tmp_path):
+    """Broadcast sync cannot hand a revived server the current weights on its own: one reporting an older
+    version stays down (it rejoins at the next sync) and nothing is loaded into it."""
+    fake = fake_server("{}", health=(200, json.dumps({"weight_version": "another-run-1"})))
+    with fake as url:
+        eng = engine(model, [url], tmp_path, retry_down_after_s=0.0, weight_sync="broadcast")
+        eng.weights_version = 1
+        eng.servers[0].mark_down("killed")
+        assert eng._acquire(set()) is None and eng.servers[0].down
+    assert "missed the broadcast" in eng.servers[0].last_error
+    assert fake.paths == ["/health", "/weight_info"]
 
 
 def test_launch_script_refuses_a_directory_without_a_model(tmp_path):

@@ -12,8 +12,11 @@ import os
 import signal
 import socket
 import subprocess
+import time
 
 import pytest
+
+from megatron_papo.rollout.vllm_http import VllmServer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VENV = os.environ.get("MEGATRON_PAPO_VLLM_VENV", os.path.expanduser("~/.cache/megatron-papo/vllm-venv"))
@@ -34,7 +37,8 @@ def free_port() -> int:
 class VllmServerProcess:
     """``tools/launch_vllm.sh`` serving ``model_dir`` on a free local port, float32, eager, small; its
     compute threads on the ``core``-th CPU core this process may use (vLLM's default puts every server
-    on core 0). ``weight_sync``: tools/launch_vllm.sh's ``--weight-sync``."""
+    on core 0). ``weight_sync``: tools/launch_vllm.sh's ``--weight-sync``. ``port``: a given one (a
+    restart of a killed server), else a free one."""
 
     def __init__(
         self,
@@ -43,8 +47,9 @@ class VllmServerProcess:
         core: int = 0,
         max_model_len: int = 1024,
         weight_sync: str = "directory",
+        port: int | None = None,
     ) -> None:
-        self.port = free_port()
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         cores = sorted(os.sched_getaffinity(0))
@@ -64,6 +69,14 @@ class VllmServerProcess:
                 env=env,
                 start_new_session=True,
             )
+
+    def wait_up(self, deadline: float) -> None:
+        """Block until the server answers ``/health``; fail the test if it exits or ``deadline``
+        (``time.monotonic()``) passes first."""
+        while not VllmServer(self.url).healthy(timeout=5):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"vLLM server {self.url} did not come up:\n{self.log_tail()}")
+            time.sleep(2)
 
     def log_tail(self, chars: int = 3000) -> str:
         with open(self.log_path, errors="replace") as f:

@@ -131,15 +131,26 @@ class BroadcastSync:
     ) -> tuple[list[VllmServer], int]:
         """Send ``pairs`` (checkpoint name, tensor) to every server of ``servers`` in buckets of about
         ``bucket_bytes``; returns the servers that received all of them (not yet committed: see
-        ``VllmServer.commit``) and the bytes sent. A server that fails is marked down and left out."""
+        ``VllmServer.commit``) and the bytes sent. A server that fails is marked down and left out; one
+        that cannot take part at all (no ``megatron_papo`` engine, a 4xx answer) raises its ``ServerError``.
+        """
         live = []
-        for server in servers:
+        for server in servers:  # every group first: a misconfigured server fails the sync before any starts
             try:
                 if server.url not in self.groups:
                     self.join(server)
-                server.post_json("/start_weight_update", {}, self.request_timeout_s)
                 live.append(server)
-            except (ServerError, RuntimeError) as e:
+            except ServerError as e:
+                if not e.retryable:
+                    raise
+                self.drop(server, e)
+            except RuntimeError as e:
+                self.drop(server, e)
+        for server in list(live):
+            try:
+                server.post_json("/start_weight_update", {}, self.request_timeout_s)
+            except ServerError as e:
+                live.remove(server)
                 self.drop(server, e)
         nbytes = 0
         for bucket in buckets(pairs, bucket_bytes):  # consumed whatever happens: it is a collective
@@ -167,7 +178,7 @@ class BroadcastSync:
         group = self.groups[server.url]
         beside(
             lambda: server.post_json("/update_weights", update, self.request_timeout_s),
-            lambda: group.broadcast(buffer).wait(),
+            lambda: group.broadcast(buffer),
         )
 
     def drop(self, server: VllmServer, error: BaseException) -> None:

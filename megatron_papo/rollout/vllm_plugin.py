@@ -92,7 +92,7 @@ class BroadcastWeightEngine(WeightTransferEngine[BroadcastInitInfo, BroadcastUpd
         if self.group is None:
             raise RuntimeError("megatron_papo weight transfer: init_weight_transfer_engine was not called")
         buffer = torch.empty(update_info.nbytes, dtype=torch.uint8, device=self.buffer_device)
-        self.group.broadcast(buffer).wait()
+        self.group.broadcast(buffer)
         self.model.load_weights(
             [(name, tensor.to(self.device)) for name, tensor in unpack(buffer, update_info.tensors)]
         )

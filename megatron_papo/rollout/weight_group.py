@@ -46,11 +46,15 @@ class WeightGroup:
     group: ProcessGroup
     store: TCPStore
 
-    def broadcast(self, buffer: torch.Tensor) -> torch.distributed.Work:
-        """Start broadcasting ``buffer`` from rank 0 (group-local ranks); returns the work to wait on."""
+    def broadcast(self, buffer: torch.Tensor) -> None:
+        """Broadcast ``buffer`` from rank 0 (group-local ranks), returning once it is complete here: gloo's
+        ``wait`` blocks on the transfer, NCCL's only orders the current stream, which is then synchronised.
+        A peer that is gone raises (``RuntimeError`` / ``DistBackendError``)."""
         options = torch.distributed.BroadcastOptions()
         options.rootRank = 0
-        return self.group.broadcast([buffer], options)
+        self.group.broadcast([buffer], options).wait()
+        if buffer.is_cuda:
+            torch.cuda.current_stream(buffer.device).synchronize()
 
 
 def open_group(
