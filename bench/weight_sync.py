@@ -62,7 +62,14 @@ def read_weights(model_dir: str) -> dict[str, torch.Tensor]:
 
 
 def start_server(model_dir: str, log_path: str, timeout_s: float) -> tuple[subprocess.Popen, str]:
-    """tools/launch_vllm.sh on a free local port (float32, eager on CPU); returns it and its URL."""
+    """tools/launch_vllm.sh on a free local port (float32, eager on CPU); returns it and its URL. On CPU
+    the server's compute threads take the last core this process may use and this process the others
+    (vLLM's CPU worker spins on its cores: sharing one would time the contention, not the sync)."""
+    env = dict(os.environ)
+    cores = sorted(os.sched_getaffinity(0))
+    split = not torch.cuda.is_available() and len(cores) > 1
+    if split:
+        env["VLLM_CPU_OMP_THREADS_BIND"] = str(cores[-1])
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -72,8 +79,11 @@ def start_server(model_dir: str, log_path: str, timeout_s: float) -> tuple[subpr
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
             ["bash", os.path.join(ROOT, "tools", "launch_vllm.sh"), *args],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env,
         )  # fmt: skip
+    if split:
+        os.sched_setaffinity(0, cores[:-1])
+        torch.set_num_threads(len(cores) - 1)
     url, start = f"http://127.0.0.1:{port}", time.monotonic()
     while not VllmServer(url).healthy(timeout=5):
         if proc.poll() is not None or time.monotonic() - start > timeout_s:
