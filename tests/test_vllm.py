@@ -31,6 +31,7 @@ from megatron_papo.rollout.engine import RolloutRequest
 from megatron_papo.rollout.vllm import RolloutError, VllmConfig, VllmEngine
 from megatron_papo.rollout.vllm_http import ServerError, VllmServer
 from megatron_papo.rollout.vllm_sync import write_weight_directory
+from megatron_papo.rollout.weight_group import WeightGroup
 
 pytestmark = pytest.mark.vllm
 MIN_PIXELS, MAX_PIXELS = 56 * 56, 112 * 112
@@ -235,6 +236,47 @@ def test_broadcast_to_a_server_without_the_engine_fails_before_any_update(model,
     ):
         eng.sync_weights(perturbed_weights(model, 0, str(tmp_path / "w")).items())
     assert torch.equal(server_prompt_log_probs(servers[0].url, ids), before)
+
+
+@requires_vllm
+@pytest.mark.parametrize("when", ["between buckets", "mid-broadcast"])
+def test_broadcast_left_open_by_a_dead_trainer_does_not_spoil_the_next(
+    model, servers, tmp_path, monkeypatch, when
+):
+    """A trainer that dies mid-sync leaves the server mid-update (between buckets: vLLM's update still open;
+    mid-broadcast: the server's broadcast times out). The next trainer (a new group, a new run) syncs into
+    it and the server holds exactly its weights."""
+    url = servers[0].url
+    weights = perturbed_weights(model, 3, str(tmp_path / "v3"))
+
+    def dying():
+        for i, item in enumerate(weights.items()):
+            if i == len(weights) // 2:
+                raise KeyboardInterrupt("trainer killed mid-sync")
+            yield item
+
+    first = engine(model, [url], tmp_path, weight_sync="broadcast", bucket_bytes=200_000, sync_timeout_s=5)
+    if when == "mid-broadcast":  # the trainer posts a bucket's /update_weights, then never sends it
+        calls = []
+
+        def broadcast(group, buffer):
+            calls.append(buffer.numel())
+            if len(calls) == 3:
+                raise KeyboardInterrupt("trainer killed mid-broadcast")
+            original(group, buffer)
+
+        original = WeightGroup.broadcast
+        monkeypatch.setattr(WeightGroup, "broadcast", broadcast)
+    with pytest.raises(KeyboardInterrupt):
+        first.sync_weights(dying() if when == "between buckets" else weights.items())
+    monkeypatch.undo()
+    second = engine(model, [url], tmp_path, weight_sync="broadcast", bucket_bytes=200_000)
+    second.sync_weights(perturbed_weights(model, 4, str(tmp_path / "v4")).items())
+    assert second.last_stats["sync/servers"] == 1, second.servers[0].last_error
+    ids = prompt_ids(model)
+    assert torch.allclose(
+        server_prompt_log_probs(url, ids), hf_log_probs(str(tmp_path / "v4"), ids), atol=1e-4
+    )
 
 
 @requires_vllm

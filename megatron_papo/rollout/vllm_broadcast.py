@@ -6,6 +6,7 @@ NCCL between GPUs, gloo on CPUs) and drives vLLM's weight-transfer endpoints, wh
 ``megatron_papo`` engine of ``vllm_plugin``:
 
     join (once per server):  POST /init_weight_transfer_engine   beside  open_group(rank 0)
+                             POST /finish_weight_update (closes an update a dead trainer left open)
     each sync:               POST /start_weight_update
                              per bucket: POST /update_weights {nbytes, tensors}  beside  broadcast(bucket)
                              POST /finish_weight_update, then the caches reset and the version set
@@ -17,6 +18,7 @@ other servers carry on. A server that missed a sync rejoins (a fresh group) at t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import queue
 import socket
@@ -125,6 +127,10 @@ class BroadcastSync:
             lambda: opened.append(open_group(host, port, 0, world_size, self.backend, self.timeout_s)),
         )
         self.groups[server.url] = opened[0]
+        # an update that an earlier trainer left open (it died between buckets) must be finished before
+        # vLLM starts another; with none open vLLM answers an error, which says nothing here
+        with contextlib.suppress(ServerError):
+            server.post_json("/finish_weight_update", {}, self.request_timeout_s)
 
     def sync(
         self, servers: list[VllmServer], pairs: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int

@@ -91,11 +91,17 @@ class BroadcastWeightEngine(WeightTransferEngine[BroadcastInitInfo, BroadcastUpd
     def receive_weights(self, update_info: BroadcastUpdateInfo) -> None:
         if self.group is None:
             raise RuntimeError("megatron_papo weight transfer: init_weight_transfer_engine was not called")
-        buffer = torch.empty(update_info.nbytes, dtype=torch.uint8, device=self.buffer_device)
-        self.group.broadcast(buffer)
-        self.model.load_weights(
-            [(name, tensor.to(self.device)) for name, tensor in unpack(buffer, update_info.tensors)]
-        )
+        try:
+            buffer = torch.empty(update_info.nbytes, dtype=torch.uint8, device=self.buffer_device)
+            self.group.broadcast(buffer)
+            self.model.load_weights(
+                [(name, tensor.to(self.device)) for name, tensor in unpack(buffer, update_info.tensors)]
+            )
+        except BaseException:
+            # vLLM ends the update on this error without finishing it, which would leave the layers not
+            # reloaded yet on the meta device: finish it here (they get their previous tensors back)
+            self.finish_weight_update()
+            raise
 
     def shutdown(self) -> None:
         self.group = None
