@@ -173,16 +173,18 @@ def test_rollouts_with_images_from_two_servers(model, servers, tmp_path, monkeyp
 @pytest.mark.parametrize("sync", ["directory", "broadcast"])
 def test_training_with_vllm_rollouts_and_weight_sync(model, servers, tmp_path, sync):
     """3 steps of PAPO-G with rollouts from a vLLM server, weights synced after each update (a safetensors
-    directory the server reloads, or broadcast into its worker): the server's log-probs of the sampled
+    directory the server reloads; or broadcast into its worker, the trainer at TP=2 so that rank 1 takes
+    part in the export's gathers and rank 0 alone sends): the server's log-probs of the sampled
     tokens match the trainer's every step, and after the run the server holds the trained weights (its
     log-probs of a fixed prompt match transformers with the synced directory, or with the final checkpoint
     converted to HF)."""
     url, out = servers[0 if sync == "broadcast" else 1].url, tmp_path / "run"
+    tp = 2 if sync == "broadcast" else 1
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={tp}",
         "-m", "megatron_papo.cli", "train", "--config", os.path.join(ROOT, "examples/configs/tiny_cpu.yaml"),
         f"model.hf_path={model}", f"trainer.output_dir={out}", f"checkpoint.dir={out}/ckpt",
-        "checkpoint.save_interval=0", "logging.tensorboard=false", "parallel.tensor_model_parallel_size=1",
+        "checkpoint.save_interval=0", "logging.tensorboard=false", f"parallel.tensor_model_parallel_size={tp}",
         "trainer.steps=3", "trainer.rollout_batch_size=2", "trainer.update_batch_size=2",
         "trainer.micro_batch_size=2", "data.synthetic.num_train=8", "data.synthetic.num_test=2",
         "optimizer.lr=0.003", "rollout.n=2", "rollout.max_new_tokens=8",
