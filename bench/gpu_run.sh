@@ -32,6 +32,7 @@ python3 -m pip install --quiet --no-deps --no-index .whl/*.whl > "$OUT/pip.log" 
 python3 -c "import torch, megatron.core, transformers, megatron_papo.trainer as t; \
 print('torch', torch.__version__, 'transformers', transformers.__version__, 'cuda', torch.cuda.is_available())" \
   2>&1 | tail -3 | tee "$OUT/imports.log"
+python3 -c "import torch; assert torch.cuda.is_available()" || { echo "no CUDA device: nothing run" >&2; exit 1; }
 
 stage() {  # stage NAME SECONDS COMMAND...
   local name=$1 limit=$2
