@@ -225,7 +225,6 @@ class VllmEngine:
         except (ValueError, KeyError, TypeError) as e:
             raise ServerError(server.url, f"malformed /weight_info answer: {info[:200]!r}") from e
         if self.broadcast is not None:
-            self.broadcast.groups.pop(server.url, None)
             raise ServerError(server.url, f"missed the broadcast of {self.version}; rejoins at the next sync")
         timeout = self.cfg.request_timeout_s
         rpc = {"method": "reload_weights", "kwargs": {"weights_path": self.weights_path}, "timeout": timeout}

@@ -24,6 +24,7 @@ import queue
 import socket
 import threading
 from collections.abc import Callable, Iterable
+from functools import partial
 from typing import Any
 from urllib.parse import urlparse
 
@@ -132,32 +133,25 @@ class BroadcastSync:
         with contextlib.suppress(ServerError):
             server.post_json("/finish_weight_update", {}, self.request_timeout_s)
 
+    def ensure_joined(self, server: VllmServer) -> None:
+        """Join ``server`` unless its group is current: a server that was down rejoins with a fresh group
+        (it may be a restarted process)."""
+        if server.down or server.url not in self.groups:
+            self.join(server)
+
     def sync(
         self, servers: list[VllmServer], pairs: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int
     ) -> tuple[list[VllmServer], int]:
         """Send ``pairs`` (checkpoint name, tensor) to every server of ``servers`` in buckets of about
         ``bucket_bytes``; returns the servers that received all of them (not yet committed: see
         ``VllmServer.commit``) and the bytes sent. A server that fails is marked down and left out; one
-        that cannot take part at all (no ``megatron_papo`` engine, a 4xx answer) raises its ``ServerError``.
+        that cannot take part at all (no ``megatron_papo`` engine, a 4xx answer) raises its ``ServerError``
+        (see ``each``).
         """
-        live = []
-        for server in servers:  # every group first: a misconfigured server fails the sync before any starts
-            try:
-                if server.url not in self.groups:
-                    self.join(server)
-                live.append(server)
-            except ServerError as e:
-                if not e.retryable:
-                    raise
-                self.drop(server, e)
-            except RuntimeError as e:
-                self.drop(server, e)
-        for server in list(live):
-            try:
-                server.post_json("/start_weight_update", {}, self.request_timeout_s)
-            except ServerError as e:
-                live.remove(server)
-                self.drop(server, e)
+        timeout = self.request_timeout_s
+        live = self.each(servers, self.ensure_joined)  # every group first: a misconfigured server fails
+        # the sync before any update starts
+        live = self.each(live, lambda s: s.post_json("/start_weight_update", {}, timeout))
         nbytes = 0
         for bucket in buckets(pairs, bucket_bytes):  # consumed whatever happens: it is a collective
             if not live:
@@ -165,19 +159,25 @@ class BroadcastSync:
             buffer, metas = pack(bucket, self.device or torch.device("cpu"))
             nbytes += buffer.numel()
             update = {"update_info": {"nbytes": buffer.numel(), "tensors": metas}}
-            for server in list(live):
-                try:
-                    self.send(server, buffer, update)
-                except (ServerError, RuntimeError) as e:
-                    live.remove(server)
-                    self.drop(server, e)
-        for server in list(live):
-            try:
-                server.post_json("/finish_weight_update", {}, self.request_timeout_s)
-            except ServerError as e:
-                live.remove(server)
-                self.drop(server, e)
+            live = self.each(live, partial(self.send, buffer=buffer, update=update))
+        live = self.each(live, lambda s: s.post_json("/finish_weight_update", {}, timeout))
         return live, nbytes
+
+    def each(self, servers: list[VllmServer], call: Callable[[VllmServer], Any]) -> list[VllmServer]:
+        """The servers of ``servers`` for which ``call(server)`` succeeds; the others are dropped, except
+        that a non-retryable ``ServerError`` (the server cannot take part at all) is raised."""
+        kept = []
+        for server in servers:
+            try:
+                call(server)
+                kept.append(server)
+            except ServerError as e:
+                if not e.retryable:
+                    raise
+                self.drop(server, e)
+            except RuntimeError as e:  # the collective: a peer gone, a timeout
+                self.drop(server, e)
+        return kept
 
     def send(self, server: VllmServer, buffer: torch.Tensor, update: dict) -> None:
         """One bucket into ``server``: its ``/update_weights`` call beside the broadcast of ``buffer``."""
