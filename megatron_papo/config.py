@@ -36,7 +36,7 @@ class TrainerConfig:
     micro_batch_size: int = 4
     ppo_epochs: int = 1
     exit_after_steps: int = 0  # stop this invocation after N steps with a checkpoint (SLURM time limits)
-    max_bad_steps: int = 3  # consecutive steps with a NaN/inf loss (update skipped) before the run stops
+    max_bad_steps: int = 3  # consecutive steps with a NaN/inf loss or gradient (skipped) before a stop
 
     def __post_init__(self) -> None:
         if self.exit_after_steps < 0:
@@ -93,6 +93,13 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def __post_init__(self) -> None:
+        if self.algorithm.overlong_buffer > self.rollout.max_new_tokens:
+            raise ValueError(
+                f"algorithm.overlong_buffer ({self.algorithm.overlong_buffer}) must be <= "
+                f"rollout.max_new_tokens ({self.rollout.max_new_tokens})"
+            )
 
 
 def load_train_config(path: str | None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:

@@ -82,14 +82,17 @@ class Policy:
         """Multimodal RoPE positions [3, b, s] of ``input_ids`` [b, s], as transformers computes them."""
         return mrope_position_ids(input_ids, image_grid_thw, attention_mask, self.hf_config)
 
-    def log_probs(self, logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-token (log-prob of ``labels``, entropy), both [b, s], at the rollout temperature.
+    @staticmethod
+    def log_probs(
+        logits: torch.Tensor, labels: torch.Tensor, temperature: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-token (log-prob of ``labels``, entropy), both [b, s], of ``softmax(logits / temperature)``.
 
         logits: [b, s, vocab/tp] (vocab-parallel, never gathered); labels: [b, s].
         """
         b, s, v = logits.shape
         lp, entropy = log_probs_and_entropy(
-            logits.reshape(b * s, v), labels.reshape(b * s), temperature=self.cfg.rollout.temperature
+            logits.reshape(b * s, v), labels.reshape(b * s), temperature=temperature
         )
         return lp.view(b, s), entropy.view(b, s)
 
@@ -99,22 +102,23 @@ class Policy:
     def train_step(self, batches: list[Batch], loss_fn: LossFn) -> dict[str, float]:
         """One optimizer step over ``batches``: averaged loss metrics (last stage), grad norm and LR.
 
-        A non-finite loss on any rank skips the step on every rank (``actor/update_skipped`` = 1).
+        A non-finite loss or a NaN / inf gradient on any rank skips the step on every rank
+        (``actor/update_skipped`` = 1; ``actor/nonfinite_grad`` says which): megatron-core steps on
+        such gradients in bf16 without a loss scale (a NaN norm clips nothing).
         """
         for chunk in self.model:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
         loss_fn = tolerate_non_finite(loss_fn, lambda batch: {"actor/loss": float("nan")})
         outputs = run_schedule(self.model, batches, loss_fn, forward_only=False)
-        bad = torch.tensor(
-            [float(any(not torch.isfinite(torch.as_tensor(o["actor/loss"])) for o in outputs))],
-            device=current_device(),
-        )
+        loss_bad = any(not torch.isfinite(torch.as_tensor(o["actor/loss"])) for o in outputs)
+        bad = torch.tensor([float(loss_bad), float(not self._grads_finite())], device=current_device())
         torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
         metrics = {
             k: sum(float(o.get(k, math.nan)) for o in outputs) / len(outputs) for k in set().union(*outputs)
         }
-        if bad.item():  # the gradients are left as they are: the next step zeroes them first
+        metrics["actor/nonfinite_grad"] = float(bad[1])
+        if bad.any():  # the gradients are left as they are: the next step zeroes them first
             return metrics | {"actor/update_skipped": 1.0}
         ok, grad_norm, _ = self.optimizer.step()
         self.scheduler.step(increment=1)
@@ -122,6 +126,11 @@ class Policy:
         metrics["actor/lr"] = float(self.optimizer.param_groups[0]["lr"])
         metrics["actor/update_skipped"] = float(not ok)
         return metrics
+
+    def _grads_finite(self) -> bool:
+        """Whether this rank's reduced gradients (megatron DDP's grad buffers) are all finite."""
+        buffers = [b for chunk in self.model for b in chunk.buffers + chunk.expert_parallel_buffers]
+        return all(bool(torch.isfinite(b.grad_data).all()) for b in buffers)
 
     def export_hf(self) -> Iterator[tuple[str, torch.Tensor]]:
         """(HF name, full tensor) pairs of the current weights; a collective: every rank must iterate."""

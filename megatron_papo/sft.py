@@ -71,7 +71,7 @@ class SFTTrainer(TrainingLoop):
         scale = len(batches) * self.dp_size / float(tokens)  # exact token mean over the global batch
 
         def loss_fn(batch, logits):
-            lp, _ = self.policy.log_probs(logits, batch["labels"])
+            lp, _ = self.policy.log_probs(logits, batch["labels"], temperature=1.0)  # plain NLL
             nll = -(lp * batch["loss_mask"]).sum()
             # "actor/loss": the key Policy.train_step checks for a non-finite loss
             return nll * scale, {"actor/loss": nll.detach() / batch["loss_mask"].sum().clamp(min=1)}

@@ -3,14 +3,18 @@
 One step, on every rank:
 
 1. **Prompts**: each data-parallel (DP) rank reads its own prompts; the tensor/pipeline ranks of a DP rank
-   read the same ones. Each prompt gets one masked copy of its images (seeded by step and prompt id).
+   read the same ones.
 2. **Rollout**: the prompts of a DP rank are spread over its model-parallel ranks, each generates ``n``
    responses per prompt with the rollout engine, and the results are exchanged inside the group.
-3. **Rewards and advantages**: GRPO group normalisation; DAPO drops groups whose accuracy is all equal
-   and samples more prompts until the batch is full (``algorithm.max_tries`` rounds).
+3. **Rewards and advantages**: DAPO keeps only groups whose accuracy is not all equal and samples more
+   rounds until the DP group holds the whole rollout batch (``algorithm.max_tries`` rounds, else a clear
+   error), pooling kept groups across DP ranks (``training.dynamic_sampling``). Kept prompts get one
+   masked copy of their images when the objective uses them (seeded by step and prompt id). Scores get
+   DAPO's soft overlong punishment (``algorithm.overlong_buffer``), then GRPO group normalisation.
 4. **Log-probs without gradient**: the pre-update policy (old), the masked images (the reference
    default, unless ``algorithm.masked_grad``) and the reference model (when its KL term is on), through
-   megatron-core's forward-only schedule.
+   megatron-core's forward-only schedule. With ``algorithm.ref_kl_in_reward`` the reference KL is a
+   penalty on the scores (fixed or adaptive coefficient) and the advantages are recomputed.
 5. **Updates**: ``ppo_epochs`` passes over shuffled mini-batches, each through the forward-backward
    schedule with the PAPO loss on the last pipeline stage, then DDP gradient reduction, clipping and one
    optimizer step. With ``masked_grad`` a micro-batch carries the original and masked images together.
@@ -27,21 +31,27 @@ import hashlib
 import math
 import time
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from megatron_papo.data.encode import EncodedPrompt
-from megatron_papo.papo.advantages import dynamic_sampling_keep, grpo_advantages
-from megatron_papo.papo.loss import papo_loss
+from megatron_papo.papo.advantages import (
+    dynamic_sampling_keep,
+    grpo_advantages,
+    kl_penalized_scores,
+    overlong_penalty,
+)
+from megatron_papo.papo.kl_controller import KLController
+from megatron_papo.papo.loss import reference_kl
 from megatron_papo.parallel.device import current_device
 from megatron_papo.policy import Policy
 from megatron_papo.rewards.registry import RewardOutput
 from megatron_papo.rollout.correction import logprob_mismatch, truncated_importance_weights
 from megatron_papo.rollout.distributed import generate_in_model_parallel_group
 from megatron_papo.rollout.engine import RolloutRequest
+from megatron_papo.training.dynamic_sampling import fill_rollout_batch
 from megatron_papo.training.hacking import HackingDetector
 from megatron_papo.training.loop import TrainingLoop
 from megatron_papo.training.schedule import tolerate_non_finite
@@ -52,19 +62,22 @@ from megatron_papo.training.sequences import (
     micro_batch_indices,
     padded_length,
     response_token_values,
+    update_micro_batch,
 )
+from megatron_papo.training.update_loss import UpdateLoss, global_token_counts
 
 
 @dataclass
 class Group:
-    """One prompt, its masked images and its ``n`` scored responses (with the engine's log-probs)."""
+    """One prompt, its ``n`` scored responses (with the engine's log-probs) and, once the group is kept
+    and the objective uses them, its masked images."""
 
     prompt: EncodedPrompt
-    masked_pixel_values: torch.Tensor | None
     responses: list[torch.Tensor]
     finished: list[bool]
     rewards: list[RewardOutput]
     logprobs: list[torch.Tensor | None]
+    masked_pixel_values: torch.Tensor | None = None
 
 
 def prompt_seed(seed: int, step: int, uid: str) -> int:
@@ -95,6 +108,9 @@ class Trainer(TrainingLoop):
         )
         self.policy = Policy(cfg, updates, with_ref=cfg.algorithm.uses_ref_kl, with_engine=True)
         self.detector = HackingDetector(cfg.logging.hacking_detector)
+        self.kl_controller = (
+            KLController.from_config(cfg.algorithm) if cfg.algorithm.ref_kl_in_reward else None
+        )
 
     def after_step(self, metrics: dict[str, float]) -> bool:
         if not self.detector.update(metrics):
@@ -108,10 +124,15 @@ class Trainer(TrainingLoop):
         return action == "stop"
 
     def extra_state(self) -> dict:
-        return {"detector": self.detector.state_dict()}
+        state = {"detector": self.detector.state_dict()}
+        if self.kl_controller is not None:
+            state["kl_controller"] = self.kl_controller.state_dict()
+        return state
 
     def load_extra_state(self, state: dict) -> None:
         self.detector.load_state_dict(state["detector"])
+        if self.kl_controller is not None and "kl_controller" in state:
+            self.kl_controller.load_state_dict(state["kl_controller"])
 
     # ---------------------------------------------------------------- rollout, rewards, advantages
 
@@ -136,7 +157,6 @@ class Trainer(TrainingLoop):
             groups.append(
                 Group(
                     prompt=prompt,
-                    masked_pixel_values=self.prompts.mask_images(prompt, self.step),
                     responses=responses,
                     finished=[r.finished for r in rollouts],
                     rewards=[self.prompts.reward_fn(t, prompt.answer, prompt.answer_type) for t in texts],
@@ -146,34 +166,37 @@ class Trainer(TrainingLoop):
         return groups
 
     def _sample_groups(self) -> tuple[list[Group], dict[str, float]]:
-        """This DP rank's groups for the step (DAPO: only informative groups, refilled)."""
+        """This DP rank's ``prompts_per_rank`` groups for the step (DAPO: informative groups only, sampled
+        until the DP group holds the whole rollout batch, pooled across DP ranks), masked images built
+        for them when the objective uses them."""
         algo = self.cfg.algorithm
-        kept: list[Group] = []
         generated: list[Group] = []
-        tries = 0
-        while True:
-            tries += 1
+
+        def sample_round() -> tuple[list[Group], int]:
             batch = self._rollout(self.prompts.next_prompts(self.prompts_per_rank))
-            generated += batch
+            generated.extend(batch)
             if not algo.dynamic_sampling:
-                kept = batch
-                break
+                return batch, len(batch)
             acc = torch.tensor([[r.accuracy for r in g.rewards] for g in batch])
             keep = dynamic_sampling_keep(
                 acc.flatten(), self.cfg.rollout.n, algo.dynamic_sampling_low, algo.dynamic_sampling_high
             )
-            kept += [g for g, k in zip(batch, keep.tolist(), strict=True) if k]
-            if len(kept) >= self.prompts_per_rank or tries >= algo.max_tries:
-                break
-        # every DP rank must run the same number of micro-batches: agree on the smallest full count
-        count = torch.tensor([min(len(kept), self.prompts_per_rank)], device=current_device())
-        dist.all_reduce(count, op=dist.ReduceOp.MIN, group=ps.get_data_parallel_group())
-        n, mbs = self.cfg.rollout.n, self.cfg.trainer.micro_batch_size
-        usable = int(count)
-        while usable and (usable * n) % mbs:
-            usable -= 1
-        stats = {"rollout/tries": float(tries), "rollout/kept_groups": float(usable)}
-        return kept[:usable], self._reward_metrics(generated) | stats
+            return [g for g, k in zip(batch, keep.tolist(), strict=True) if k], len(batch)
+
+        filled = fill_rollout_batch(
+            sample_round, self.prompts_per_rank, algo.max_tries, ps.get_data_parallel_group()
+        )
+        if algo.uses_masked_images:
+            for g in filled.groups:
+                g.masked_pixel_values = self.prompts.mask_images(g.prompt, self.step)
+        stats = {
+            "rollout/tries": float(filled.tries),
+            "rollout/keep_rate": filled.keep_rate,
+            "rollout/kept_groups": float(filled.kept),
+            "rollout/used_groups": float(self.prompts_per_rank * self.dp_size),
+            "rollout/surplus_groups": float(filled.surplus),
+        }
+        return filled.groups, self._reward_metrics(generated) | stats
 
     def _reward_metrics(self, groups: list[Group]) -> dict[str, float]:
         rewards = [r for g in groups for r in g.rewards]
@@ -188,10 +211,29 @@ class Trainer(TrainingLoop):
             "response/finished": _mean([float(f) for g in groups for f in g.finished]),
         }
 
-    def _sequences(self, groups: list[Group]) -> StepSequences:
-        n = self.cfg.rollout.n
+    def _scores(self, groups: list[Group]) -> tuple[torch.Tensor, dict[str, float]]:
+        """Each response's score [N] (group by group), with DAPO's soft overlong punishment when on."""
+        algo = self.cfg.algorithm
         scores = torch.tensor([r.score for g in groups for r in g.rewards])
-        advantages = grpo_advantages(scores, n, scale_by_std=self.cfg.algorithm.scale_advantages_by_std)
+        if not algo.overlong_buffer:
+            return scores, {}
+        lengths = torch.tensor([len(r) for g in groups for r in g.responses])
+        penalty = overlong_penalty(
+            lengths, self.cfg.rollout.max_new_tokens, algo.overlong_buffer, algo.overlong_penalty
+        )
+        metrics = {
+            "reward/overlong_penalized": float((penalty < 0).float().mean()),
+            "reward/overlong_penalty": float(penalty.mean()),
+        }
+        return scores + penalty, metrics
+
+    def _advantages(self, scores: torch.Tensor) -> torch.Tensor:
+        algo = self.cfg.algorithm
+        return grpo_advantages(scores, self.cfg.rollout.n, scale_by_std=algo.scale_advantages_by_std)
+
+    def _sequences(self, groups: list[Group], scores: torch.Tensor) -> StepSequences:
+        n, algo = self.cfg.rollout.n, self.cfg.algorithm
+        advantages = self._advantages(scores)
         prompts = [g.prompt.input_ids for g in groups for _ in range(n)]
         responses = [r for g in groups for r in g.responses]
         seqs = build_sequences(
@@ -205,6 +247,9 @@ class Trainer(TrainingLoop):
             length=padded_length(prompts, responses),
             position_fn=self.policy.position_ids,
         )
+        if algo.use_sft_loss:
+            correct = [r.accuracy > algo.sft_min_accuracy for g in groups for r in g.rewards]
+            seqs.sft_weights = torch.tensor(correct, dtype=torch.float32)
         logprobs = [lp for g in groups for lp in g.logprobs]
         if all(lp is not None for lp in logprobs):
             seqs.token_data["rollout_log_probs"] = response_token_values(prompts, logprobs, seqs.length)
@@ -221,7 +266,7 @@ class Trainer(TrainingLoop):
         ]
 
         def loss_fn(batch, logits):
-            lp, _ = self.policy.log_probs(logits, batch["labels"])
+            lp, _ = self.policy.log_probs(logits, batch["labels"], self.cfg.rollout.temperature)
             return torch.zeros(()), {"log_probs": lp.detach()}
 
         def diverged(batch):  # NaN log-probs make the update's loss NaN: the step is skipped
@@ -245,6 +290,25 @@ class Trainer(TrainingLoop):
             seqs.token_data.update(data)
         return time.monotonic() - start
 
+    def _reference_kl_reward(self, seqs: StepSequences, scores: torch.Tensor) -> dict[str, float]:
+        """``ref_kl_in_reward``: scores minus the KL-controller coefficient times each response's summed KL
+        of the pre-update policy to the reference, advantages recomputed (on the last pipeline stage, the
+        only one that reads them); the controller then updates on every rank alike."""
+        assert self.kl_controller is not None
+        coef = self.kl_controller.coef
+        totals = torch.zeros(2, dtype=torch.float64)  # sum of per-response mean KL, responses
+        if ps.is_pipeline_last_stage():
+            data = seqs.token_data
+            kl = reference_kl(self.cfg.algorithm, data["old_log_probs"], data["ref_log_probs"])
+            penalized, per_response = kl_penalized_scores(scores, kl, seqs.loss_mask, coef)
+            seqs.advantages = self._advantages(penalized)
+            totals += torch.tensor([float(per_response.double().sum()), float(len(per_response))])
+        totals = totals.to(current_device())
+        dist.all_reduce(totals)  # the loss stage's TP ranks count alike: the mean is unchanged
+        current_kl = float(totals[0] / totals[1])
+        self.kl_controller.update(current_kl, self.cfg.trainer.rollout_batch_size * self.cfg.rollout.n)
+        return {"actor/reward_kl": current_kl, "actor/reward_kl_coef": coef}
+
     def _rollout_correction(self, seqs: StepSequences) -> dict[str, float]:
         """The engine vs trainer log-prob gap (and, with ``rollout.tis_cap``, the truncated importance
         weights in ``token_data``), on the last pipeline stage when the engine reports log-probs."""
@@ -257,64 +321,39 @@ class Trainer(TrainingLoop):
         return {"rollout/logprob_mismatch": logprob_mismatch(old, rollout_lp, mask)}
 
     def _update(self, seqs: StepSequences) -> dict[str, float]:
-        """``ppo_epochs`` passes of mini-batch optimizer steps over ``seqs``; returns averaged metrics."""
+        """``ppo_epochs`` passes of mini-batch optimizer steps over ``seqs``; returns averaged metrics.
+
+        Every mini-batch is whole: the rollout batch always is (``_sample_groups``) and divides into
+        update batches (``TrainerConfig``). The annealing factor of the first step is ``gamma_start``.
+        """
         cfg, algo = self.cfg, self.cfg.algorithm
         mbs = cfg.trainer.micro_batch_size
         per_update = self.update_prompts_per_rank * cfg.rollout.n
-        progress = self.step / cfg.trainer.steps
+        if len(seqs) % per_update:
+            raise RuntimeError(f"{len(seqs)} sequences do not split into mini-batches of {per_update}")
+        progress = (self.step - 1) / cfg.trainer.steps
+        dp_group = ps.get_data_parallel_group()
         collected: list[dict[str, float]] = []
         generator = torch.Generator().manual_seed(
             prompt_seed(cfg.trainer.seed, self.step, f"dp{self.dp_rank}")
         )
         for _ in range(cfg.trainer.ppo_epochs):
             order = torch.randperm(len(seqs), generator=generator)
-            for start in range(0, len(order) - per_update + 1, per_update):
-                chunk = order[start : start + per_update]
-                tokens = seqs.loss_mask[chunk].sum().reshape(1).to(current_device())
-                dist.all_reduce(tokens, group=ps.get_data_parallel_group())
-                batches = [self._update_batch(seqs, idx) for idx in micro_batch_indices(chunk, mbs)]
-                scale = len(batches) * self.dp_size  # undo the schedule's and DDP's averaging
-
-                def loss_fn(batch, logits, _tokens=float(tokens), _scale=scale):
-                    masked_logits = None
-                    if algo.masked_grad:
-                        logits, masked_logits = logits.chunk(2, dim=0)
-                    loss, metrics = papo_loss(
-                        algo,
-                        logits,
-                        batch["labels"],
-                        batch["loss_mask"],
-                        batch["advantages"],
-                        batch["old_log_probs"],
-                        masked_logits=masked_logits,
-                        masked_log_probs=batch.get("masked_log_probs"),
-                        ref_log_probs=batch.get("ref_log_probs"),
-                        temperature=cfg.rollout.temperature,
-                        progress=progress,
-                        global_token_count=_tokens if algo.global_token_mean else None,
-                        rollout_is_weights=batch.get("rollout_is_weights"),
-                    )
-                    if algo.global_token_mean:
-                        loss = loss * _scale
-                    return loss, {k: v.detach() for k, v in metrics.items()}
-
-                metrics = self.policy.train_step(batches, loss_fn)
-                collected.append(metrics)
+            for chunk in order.split(per_update):
+                batches = [
+                    update_micro_batch(seqs, idx, algo.masked_in_update)
+                    for idx in micro_batch_indices(chunk, mbs)
+                ]
+                counts = None
+                if algo.global_token_mean:
+                    sft = seqs.sft_weights[chunk] if seqs.sft_weights is not None else None
+                    counts = global_token_counts(algo, seqs.loss_mask[chunk], sft, dp_group)
+                loss_fn = UpdateLoss(
+                    algo, cfg.rollout.temperature, progress, len(batches), self.dp_size, counts
+                )
+                collected.append(self.policy.train_step(batches, loss_fn))
         keys = {k for m in collected for k in m}
         return {k: _mean([m[k] for m in collected if k in m]) for k in keys}
-
-    def _update_batch(self, seqs: StepSequences, idx: torch.Tensor) -> dict[str, Any]:
-        batch = micro_batch(seqs, idx)
-        if not self.cfg.algorithm.masked_grad:
-            return batch
-        masked = micro_batch(seqs, idx, masked=True)  # same tokens, masked images: one doubled forward
-        for key in ("input_ids", "attention_mask"):
-            batch[key] = torch.cat([batch[key], masked[key]])
-        batch["position_ids"] = torch.cat([batch["position_ids"], masked["position_ids"]], dim=1)
-        if batch["pixel_values"] is not None:
-            batch["pixel_values"] = torch.cat([batch["pixel_values"], masked["pixel_values"]])
-            batch["image_grid_thw"] = torch.cat([batch["image_grid_thw"], masked["image_grid_thw"]])
-        return batch
 
     # ---------------------------------------------------------------- one step
 
@@ -322,14 +361,12 @@ class Trainer(TrainingLoop):
         start = time.monotonic()
         groups, metrics = self._sample_groups()
         rollout_time = time.monotonic() - start
-        if not groups:
-            self.log(
-                f"step {self.step}: no informative groups after {metrics['rollout/tries']:.0f} tries; "
-                "skipping the update"
-            )
-            return metrics | {"perf/rollout_s": rollout_time}
-        seqs = self._sequences(groups)
+        scores, shaping = self._scores(groups)
+        metrics |= shaping
+        seqs = self._sequences(groups, scores)
         log_prob_time = self._compute_token_data(seqs)
+        if self.kl_controller is not None:
+            metrics |= self._reference_kl_reward(seqs, scores)
         metrics |= self._rollout_correction(seqs)
         update_start = time.monotonic()
         metrics |= self._update(seqs)

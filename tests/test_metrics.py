@@ -27,7 +27,7 @@ def _step(kl, ent, clip):
     return {
         "papo/kl_prc": kl,
         "papo/entropy": ent,
-        "papo/masked_entropy": ent,
+        "papo/masked_entropy_sample": ent,
         "actor/pg_clipfrac_high": clip,
     }
 

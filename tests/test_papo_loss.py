@@ -7,7 +7,7 @@ import torch
 from multiprocess import run_distributed
 
 from megatron_papo.papo.config import AlgorithmConfig
-from megatron_papo.papo.loss import papo_loss
+from megatron_papo.papo.loss import TokenCounts, papo_loss
 from megatron_papo.rollout.correction import logprob_mismatch, truncated_importance_weights
 
 B, S, V = 3, 7, 32
@@ -27,6 +27,16 @@ CONFIGS = {
         kl_prc_top_p=0.5,
         gamma=0.5,
     ),
+    "top_p_by_count": dict(
+        name="papo_g",
+        masked_grad=True,
+        kl_prc_token_clip=0.2,
+        kl_prc_top_p=0.3,
+        kl_prc_top_p_select="count",
+        gamma=0.5,
+        global_token_mean=True,
+    ),
+    "top_p_quantile_global_mean": dict(name="papo_d", kl_prc_top_p=0.4, gamma=0.5, global_token_mean=True),
     "k2_seq_mean_annealed": dict(
         name="papo_d",
         masked_grad=True,
@@ -36,8 +46,34 @@ CONFIGS = {
         gamma_end=0.2,
     ),
     "k1_seq_sum": dict(name="papo_g", kl_prc_estimator="k1", loss_agg_mode="seq-mean-token-sum"),
+    "k2_clamped_entropy_by_mode": dict(
+        name="papo_g",
+        kl_prc_estimator="k2",
+        kl_prc_clamp=0.5,
+        kl_prc_clamp_all=True,
+        loss_agg_mode="seq-mean-token-mean",
+        entropy_agg="loss_agg_mode",
+    ),
+    "sft_ref_k1": dict(name="papo_g", use_sft_loss=True, sft_loss_coef=0.3, ref_kl_estimator="k1"),
+    "sft_global_mean": dict(name="grpo", use_sft_loss=True, sft_loss_coef=0.3, global_token_mean=True),
 }
-TEMPERATURE, PROGRESS, GLOBAL_TOKENS = 0.8, 0.5, 40.0
+TEMPERATURE, PROGRESS = 0.8, 0.5
+# whole-mini-batch counts (global token-mean): response tokens, kept KL_prc tokens, correct-rollout tokens
+GLOBAL = TokenCounts(response=40.0, kl_prc=17.0, sft=23.0)
+SFT_WEIGHTS = torch.tensor([1.0, 0.0, 1.0])  # rollouts 0 and 2 are correct
+
+
+def _quantile_keep(kl, mask, top_p):
+    """The reference's top-p selection, by hand: per sample, linear interpolation of the sorted response
+    tokens' KL at 1 - top_p; tokens >= it kept."""
+    keep = torch.zeros_like(mask)
+    for i in range(B):
+        values = kl[i][mask[i] > 0].detach().sort().values
+        position = (1 - top_p) * (len(values) - 1)
+        low, high = math.floor(position), math.ceil(position)
+        threshold = values[low] + (values[high] - values[low]) * (position - low)
+        keep[i] = ((kl[i].detach() >= threshold) & (mask[i] > 0)).to(mask.dtype)
+    return keep
 
 
 def _inputs(dtype=torch.float64):
@@ -72,12 +108,14 @@ def _spec_loss(cfg: AlgorithmConfig, logits, masked, labels, mask, old, ref, adv
     if not cfg.masked_grad:
         lp_mask = lp_mask.detach()
 
-    def agg(x, m=mask):
-        if cfg.loss_agg_mode == "token-mean":
-            return (x * m).sum() / (GLOBAL_TOKENS if cfg.global_token_mean else m.sum())
-        if cfg.loss_agg_mode == "seq-mean-token-mean":
+    def agg(x, m=mask, mode=cfg.loss_agg_mode, count=GLOBAL.response):
+        if mode == "token-mean":
+            return (x * m).sum() / (count if cfg.global_token_mean else m.sum())
+        if mode == "seq-mean-token-mean":
             return ((x * m).sum(-1) / m.sum(-1)).mean()
         return (x * m).sum(-1).mean()
+
+    entropy_mode = "token-mean" if cfg.entropy_agg == "token-mean" else cfg.loss_agg_mode
 
     r = torch.exp(torch.clamp(lp - old, -20, 20))
     a = adv[:, None]
@@ -93,27 +131,36 @@ def _spec_loss(cfg: AlgorithmConfig, logits, masked, labels, mask, old, ref, adv
             if cfg.kl_prc_estimator == "k3_inverted":
                 d = -d
             kl = {"k1": -d, "k2": 0.5 * d**2}.get(cfg.kl_prc_estimator, torch.exp(d) - d - 1)
-        kl = torch.clamp(kl, -10, 10)
-        if cfg.kl_prc_token_clip is not None:
-            kl = torch.clamp(kl, 0, cfg.kl_prc_token_clip)
-        keep = mask
-        if cfg.kl_prc_top_p is not None:
+        if cfg.kl_prc_estimator in ("k3", "k3_inverted", "exact") or cfg.kl_prc_clamp_all:
+            kl = torch.clamp(kl, -cfg.kl_prc_clamp, cfg.kl_prc_clamp)  # the reference clamps only k3
+        clip = (lambda x: torch.clamp(x, 0, cfg.kl_prc_token_clip)) if cfg.kl_prc_token_clip else None
+        if cfg.kl_prc_top_p is None:
+            loss = loss - cfg.gamma * factor * agg(clip(kl) if clip else kl)
+        elif cfg.kl_prc_top_p_select == "quantile":  # select, zero the rest, clip, mean over ALL tokens
+            kl = kl * _quantile_keep(kl, mask, cfg.kl_prc_top_p)
+            loss = loss - cfg.gamma * factor * agg(clip(kl) if clip else kl)
+        else:  # clip, then exactly ceil(p * n) tokens, mean over the kept
+            kl = clip(kl) if clip else kl
             keep = torch.zeros_like(mask)
             for i in range(B):
                 n = math.ceil(float(mask[i].sum()) * cfg.kl_prc_top_p)
                 scores = torch.where(mask[i] > 0, kl[i].detach(), torch.tensor(-1e9, dtype=kl.dtype))
                 keep[i, scores.topk(n).indices] = 1
-        loss = loss - cfg.gamma * factor * agg(kl, keep)
+            loss = loss - cfg.gamma * factor * agg(kl, keep, count=GLOBAL.kl_prc)
     exact = cfg.entropy_estimator == "exact"
     if cfg.eta1:
         h = -(log_p.exp() * log_p).sum(-1) if exact else -lp
-        loss = loss + cfg.eta1 * factor * agg(h)
+        loss = loss + cfg.eta1 * factor * agg(h, mode=entropy_mode)
     if cfg.eta2:
         h = -(log_q.exp() * log_q).sum(-1) if exact else -lp_mask
-        loss = loss + cfg.eta2 * factor * agg(h)
+        loss = loss + cfg.eta2 * factor * agg(h, mode=entropy_mode)
     if cfg.ref_kl_coef:
         d = ref - lp
-        loss = loss + cfg.ref_kl_coef * agg(torch.clamp(torch.exp(d) - d - 1, -10, 10))
+        ref_kl = -d if cfg.ref_kl_estimator == "k1" else torch.clamp(torch.exp(d) - d - 1, -10, 10)
+        loss = loss + cfg.ref_kl_coef * agg(ref_kl)
+    if cfg.use_sft_loss:  # NLL token-mean over the correct rollouts' tokens, whatever the mode
+        correct = mask * SFT_WEIGHTS.to(mask.dtype)[:, None]
+        loss = loss + cfg.sft_loss_coef * agg(-lp, correct, mode="token-mean", count=GLOBAL.sft)
     return loss
 
 
@@ -133,9 +180,10 @@ def _ours(cfg, inputs, rank, world):
         masked_logits=local_masked if cfg.masked_grad else None,
         masked_log_probs=None if cfg.masked_grad else masked_lp,
         ref_log_probs=ref,
+        sft_weights=SFT_WEIGHTS if cfg.use_sft_loss else None,
         temperature=TEMPERATURE,
         progress=PROGRESS,
-        global_token_count=GLOBAL_TOKENS if cfg.global_token_mean else None,
+        global_counts=GLOBAL if cfg.global_token_mean else None,
     )
     loss.backward()
     grad_masked = local_masked.grad if local_masked.grad is not None else torch.zeros_like(local_masked)
@@ -209,21 +257,85 @@ def test_reference_default_masked_entropy_is_inert_and_masked_grad_activates_it(
     assert float(gm2.abs().sum()) > 1e-3
 
 
-@pytest.mark.parametrize(
-    "plain, papo",
-    [
-        (dict(name="grpo"), dict(name="papo_g")),
-        (dict(name="grpo", ref_kl_coef=0.0), dict(name="papo_g", ref_kl_coef=0.0, masked_grad=True)),
-        (dict(name="dapo"), dict(name="papo_d", masked_grad=True, kl_prc_estimator="exact")),
-    ],
-)
-def test_papo_with_zero_coefficients_is_grpo_exactly(plain, papo):
-    inputs = _inputs()
-    zero = dict(gamma=0.0, eta1=0.0, eta2=0.0)
-    loss, grad, grad_masked, _ = _ours(AlgorithmConfig(**plain), inputs, 0, 1)
-    papo_loss_, papo_grad, papo_grad_masked, _ = _ours(AlgorithmConfig(**papo, **zero), inputs, 0, 1)
-    assert loss == papo_loss_ and torch.equal(grad, papo_grad)
-    assert float(grad_masked.abs().sum()) == 0 and float(papo_grad_masked.abs().sum()) == 0
+def _term_grads(name: str, coef: float):
+    """The gradient (logits, masked logits) of one term, coefficient times its float64 formula."""
+    logits, masked, labels, mask, old, ref, adv = [
+        x.double() if x.is_floating_point() else x for x in _inputs()
+    ]
+    logits.requires_grad_()
+    masked.requires_grad_()
+    finite = lambda x: torch.where(torch.isinf(x), torch.full_like(x, -1e5), x)  # noqa: E731
+    lp = torch.log_softmax(finite(logits) / TEMPERATURE, -1).gather(-1, labels[..., None])[..., 0]
+    lp_mask = torch.log_softmax(finite(masked) / TEMPERATURE, -1).gather(-1, labels[..., None])[..., 0]
+    mean = lambda x, m=mask: (x * m).sum() / m.sum()  # noqa: E731
+    d_mask, d_ref = lp_mask - lp, ref - lp
+    term = {
+        "gamma": lambda: -mean(torch.clamp(torch.exp(d_mask) - d_mask - 1, -10, 10)),
+        "eta1": lambda: mean(-lp),
+        "eta2": lambda: mean(-lp_mask),
+        "ref_kl_coef": lambda: mean(torch.clamp(torch.exp(d_ref) - d_ref - 1, -10, 10)),
+        "sft_loss_coef": lambda: mean(-lp, mask * SFT_WEIGHTS.double()[:, None]),
+    }[name]()
+    (coef * term).backward()
+    return logits.grad, masked.grad
+
+
+@pytest.mark.parametrize("term", ["gamma", "eta1", "eta2", "ref_kl_coef", "sft_loss_coef"])
+def test_each_papo_term_alone_changes_the_gradient_by_its_float64_amount(term):
+    """GRPO's surrogate plus one PAPO term: the gradient moves by exactly that term's float64 gradient
+    (with masked_grad, so the masked-image terms reach the masked logits too)."""
+    off = dict(gamma=0.0, eta1=0.0, eta2=0.0, ref_kl_coef=0.0, use_sft_loss=False)
+    base = dict(name="papo_g", masked_grad=True, **off)
+    coef = 0.37
+    on = base | {term: coef} | ({"use_sft_loss": True} if term == "sft_loss_coef" else {})
+    _, grad0, masked0, _ = _ours(AlgorithmConfig(**base), _inputs(), 0, 1)
+    _, grad1, masked1, _ = _ours(AlgorithmConfig(**on), _inputs(), 0, 1)
+    want, want_masked = (g if g is not None else torch.zeros_like(grad0) for g in _term_grads(term, coef))
+    torch.testing.assert_close(grad1 - grad0, want, rtol=1e-7, atol=1e-10)
+    torch.testing.assert_close(masked1 - masked0, want_masked, rtol=1e-7, atol=1e-10)
+    assert float((grad1 - grad0).abs().max()) + float((masked1 - masked0).abs().max()) > 1e-4
+
+
+def test_bf16_logits_count_and_sum_in_float32():
+    """bf16 logits: 5,009 response tokens, each with pg = -1.28 (ratio 1, advantage 1.28), give exactly
+    -1.28 (float64: -1.28), and the top-p count keeps exactly ceil(p * tokens)."""
+    from megatron_papo.ops.vocab_parallel import log_probs_and_entropy
+    from megatron_papo.papo.loss import local_token_counts, top_p_by_count
+
+    g = torch.Generator().manual_seed(0)
+    tokens, vocab = 5200, 16
+    logits = torch.randn(1, tokens, vocab, generator=g).to(torch.bfloat16)
+    labels = torch.randint(0, vocab, (1, tokens), generator=g)
+    mask = torch.zeros(1, tokens)
+    mask[0, 100:5109] = 1  # 5,009 tokens: bf16 rounds the count to 5,024
+    assert float(mask.to(torch.bfloat16).sum()) != 5009
+    old = log_probs_and_entropy(logits[0], labels[0])[0][None]  # ratio 1 on every token
+    cfg = AlgorithmConfig(name="grpo", ref_kl_coef=0.0)
+    loss, metrics = papo_loss(cfg, logits, labels, mask, torch.tensor([1.28]), old)
+    assert abs(float(loss) - (-1.28)) < 1e-6 and abs(metrics["actor/pg_loss"] - (-1.28)) < 1e-6
+    assert float(local_token_counts(cfg, mask)[0]) == 5009
+    kl = torch.rand(1, tokens, generator=g).to(torch.bfloat16)
+    assert int(top_p_by_count(kl, mask, 0.2).sum()) == math.ceil(5009 * 0.2)
+    counts = local_token_counts(AlgorithmConfig(kl_prc_top_p=0.2, kl_prc_top_p_select="count"), mask)
+    assert float(counts[1]) == math.ceil(5009 * 0.2)
+    # the global token-mean path: a sum over the whole count, in float32
+    loss, _ = papo_loss(
+        cfg, logits, labels, mask, torch.tensor([1.28]), old, global_counts=TokenCounts(5009.0, 5009.0, 1.0)
+    )
+    assert abs(float(loss) - (-1.28)) < 1e-6
+
+
+def test_reference_top_p_differs_from_the_count_variant_by_its_denominator():
+    """The reference divides the kept tokens' KL sum by all response tokens: on a sample whose KL is
+    all equal (ties kept), quantile keeps every token and the count variant only ceil(p * n)."""
+    from megatron_papo.papo.loss import top_p_by_count, top_p_by_quantile
+
+    mask = torch.tensor([[0.0, 1, 1, 1, 1, 1, 0]])
+    kl = torch.tensor([[9.0, 0.5, 0.5, 0.5, 0.5, 0.5, 9.0]])
+    assert torch.equal(top_p_by_quantile(kl, mask, 0.2), mask)  # ties at the threshold are kept
+    assert int(top_p_by_count(kl, mask, 0.2).sum()) == 1
+    kl = torch.tensor([[9.0, 0.1, 0.4, 0.3, 0.2, 0.5, 9.0]])
+    assert top_p_by_quantile(kl, mask, 0.2).tolist() == [[0, 0, 0, 0, 0, 1, 0]]  # padding never kept
 
 
 def test_padding_values_are_ignored():
@@ -331,12 +443,17 @@ def test_metrics_report_clipping_and_kl():
         "actor/pg_clipfrac_high",
         "papo/kl_prc",
         "papo/entropy",
-        "papo/masked_entropy",
+        "papo/entropy_sample",
+        "papo/masked_entropy_sample",
         "actor/ref_kl",
         "actor/approx_kl",
+        "actor/ratio_dev_max",
     ):
         assert math.isfinite(metrics[key]), key
     assert 0 < metrics["actor/pg_clipfrac"] < 1 and metrics["papo/kl_prc"] > 0
+    assert "papo/masked_entropy" not in metrics  # exact masked entropy needs the masked logits
+    _, _, _, metrics = _ours(AlgorithmConfig(name="papo_g", masked_grad=True), _inputs(), 0, 1)
+    assert metrics["papo/masked_entropy"] > 0 and metrics["papo/masked_entropy_sample"] > 0
 
 
 def test_config_presets_and_errors():

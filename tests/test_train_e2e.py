@@ -15,7 +15,7 @@ CONFIG = os.path.join(ROOT, "examples", "configs", "tiny_cpu.yaml")
 LOSS_KEYS = (
     "papo/kl_prc",
     "papo/entropy",
-    "papo/masked_entropy",
+    "papo/masked_entropy_sample",
     "actor/ref_kl",
     "actor/loss",
     "actor/grad_norm",
@@ -94,7 +94,10 @@ def test_layouts_give_the_same_metrics(request, tmp_path, tiny_model, reference_
     assert [r["step"] for r in rows] == [1, 2, 3]
     for r in rows:
         assert all(abs(r[k]) < float("inf") for k in LOSS_KEYS)
-        assert r["papo/kl_prc"] > 0 and r["papo/entropy"] > 0 and r["papo/masked_entropy"] > 0
+        assert r["papo/kl_prc"] > 0 and r["papo/entropy"] > 0 and r["papo/masked_entropy_sample"] > 0
+        # one mini-batch per step: its importance ratio is 1 on every response token (old log-probs of
+        # the same tokens at the same positions, through the same pipeline)
+        assert r["actor/ratio_dev_max"] < 1e-5, r["actor/ratio_dev_max"]
     close(rows[0], reference_run[0], LOSS_KEYS + ("response/length",), rtol=1e-4)  # same rollouts and weights
     assert reference_run[2]["papo/kl_prc"] != reference_run[0]["papo/kl_prc"]  # the policy moves
 
@@ -136,24 +139,6 @@ def test_stop_and_resume_continues_the_run(tmp_path, tiny_model, tp2_run):
     assert {k: v for k, v in resumed[2].items() if not k.startswith(timing)} == {
         k: v for k, v in whole[2].items() if not k.startswith(timing)
     }
-
-
-def test_zero_papo_coefficients_are_grpo(tmp_path, tiny_model):
-    grpo, _ = train(tmp_path, "grpo", tiny_model, 1, "algorithm.name=grpo", "trainer.steps=1")
-    zero, _ = train(
-        tmp_path,
-        "zero",
-        tiny_model,
-        1,
-        "algorithm.name=papo_g",
-        "algorithm.gamma=0.0",
-        "algorithm.eta1=0.0",
-        "algorithm.eta2=0.0",
-        "trainer.steps=1",
-    )
-    for k in ("actor/loss", "actor/grad_norm", "actor/pg_loss", "actor/ref_kl"):
-        assert grpo[0][k] == zero[0][k], k
-    assert "papo/kl_prc" not in grpo[0]
 
 
 @pytest.mark.parametrize(
@@ -199,3 +184,60 @@ def test_papo_raises_a_reward_the_policy_can_reach(tmp_path, tiny_model):
     )  # fmt: skip
     rewards = [r["reward/mean"] for r in rows]
     assert sum(rewards[-3:]) / 3 > 1.5 * sum(rewards[:3]) / 3, rewards
+
+
+def _coin_accuracy(tmp_path):
+    """A reward whose accuracy a random policy earns half the time: the parity of the response's text."""
+    reward = tmp_path / "reward_parity.py"
+    reward.write_text(
+        "def parity(response, answer, answer_type):\n"
+        "    hit = float(sum(map(ord, response)) % 2)\n"
+        "    return {'score': hit, 'accuracy': hit, 'format': 0.0}\n"
+    )
+    return f"reward.function={reward}:parity"
+
+
+def test_dapo_fills_the_batch_across_data_parallel_ranks_with_overlong_shaping(tmp_path, tiny_model):
+    """DAPO at DP=2: every step updates on the whole rollout batch (kept groups pooled across ranks),
+    reports tries and keep rate; the soft overlong punishment penalises responses near the limit."""
+    rows, _ = train(
+        tmp_path, "dapo", tiny_model, 2, _coin_accuracy(tmp_path), "algorithm.name=papo_d",
+        "algorithm.max_tries=6", "algorithm.overlong_buffer=4", "trainer.steps=2",
+        "trainer.rollout_batch_size=4", "trainer.update_batch_size=4",
+    )  # fmt: skip
+    for r in rows:
+        assert r["rollout/used_groups"] == 4 and r["rollout/kept_groups"] >= 4, r
+        assert 0 < r["rollout/keep_rate"] < 1 and r["rollout/tries"] >= 1
+        assert r["actor/grad_norm"] > 0 and r["actor/update_skipped"] == 0
+        assert 0 < r["reward/overlong_penalized"] <= 1 and r["reward/overlong_penalty"] < 0
+
+
+def test_dapo_that_cannot_fill_the_batch_fails_clearly(tmp_path, tiny_model):
+    """A random policy earns no accuracy on the synthetic task: every group is dropped."""
+    _, result = train(
+        tmp_path, "dry", tiny_model, 1, "algorithm.name=dapo", "algorithm.max_tries=2", check=False
+    )
+    assert result.returncode != 0
+    out = result.stdout + result.stderr
+    assert "dynamic sampling: 2 tries" in out and "keep rate 0.0%" in out and "algorithm.max_tries" in out
+
+
+def test_reference_extras_kl_in_reward_sft_loss_and_annealing(tmp_path, tiny_model):
+    """ref_kl_in_reward (adaptive controller): no ref-KL loss term, the coefficient moves and is logged;
+    use_sft_loss adds its term; the annealing factor of the first step is gamma_start."""
+    rows, _ = train(
+        tmp_path, "extras", tiny_model, 1, _coin_accuracy(tmp_path), "algorithm.ref_kl_in_reward=true",
+        "algorithm.ref_kl_controller=adaptive", "algorithm.ref_kl_horizon=10", "algorithm.use_sft_loss=true",
+        "algorithm.gamma_anneal=linear", "algorithm.gamma_start=0.5", "algorithm.gamma_end=0.0",
+        "trainer.steps=2",
+    )  # fmt: skip
+    first, second = rows
+    # step 1: the policy is the reference (KL 0), so the controller lowers the coefficient by the most it
+    # may: 1 - 0.2 * (2 prompts x 2 responses) / horizon 10
+    assert "actor/ref_kl" not in first and first["actor/reward_kl"] == 0 and second["actor/reward_kl"] > 0
+    assert first["actor/reward_kl_coef"] == 0.01
+    assert second["actor/reward_kl_coef"] == pytest.approx(0.01 * (1 - 0.2 * 4 / 10))
+    assert first["actor/sft_loss"] > 0
+    assert first["papo/gamma"] == pytest.approx(0.02 * 0.5) and second["papo/gamma"] == pytest.approx(
+        0.02 * 0.25
+    )

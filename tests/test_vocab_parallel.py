@@ -231,3 +231,33 @@ def test_bad_input_is_refused():
         log_probs_and_entropy(logits, torch.zeros(4, dtype=torch.long), temperature=0.0)
     with pytest.raises(ValueError, match="chunk_size must be >= 1"):
         full_kl(logits, logits, chunk_size=0)
+
+
+def test_backward_skips_the_masked_logits_gradient_when_they_are_detached():
+    """Detached masked logits (the reference default) get no gradient computed: the backward evaluates one
+    exp per chunk instead of two, and the gradient of the original logits is unchanged."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountExp(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.calls += func is torch.ops.aten.exp.default
+            return func(*args, **(kwargs or {}))
+
+    p, q, targets, _ = _case(torch.float64)
+
+    def backward(q_grad: bool):
+        x, y = p.clone().requires_grad_(), q.clone().requires_grad_(q_grad)
+        lp, h, lq, hq, _ = log_probs_entropies_and_kl(x, y, targets, chunk_size=T)
+        loss = (lp + 0.3 * h + 0.2 * lq + 0.1 * hq).sum()
+        with CountExp() as counter:
+            loss.backward()
+        return counter.calls, x.grad, y.grad
+
+    calls_both, grad_both, grad_q = backward(True)
+    calls_p, grad_p, no_grad = backward(False)
+    assert (calls_both, calls_p) == (2, 1) and no_grad is None and grad_q is not None
+    torch.testing.assert_close(grad_p, grad_both, rtol=0, atol=0)

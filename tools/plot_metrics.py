@@ -15,8 +15,8 @@ PANELS = (
     ("reward/mean", "reward"),
     ("reward/accuracy", "accuracy"),
     ("papo/kl_prc", "KL_prc"),
-    ("papo/entropy", "entropy (original image)"),
-    ("papo/masked_entropy", "entropy (masked image)"),
+    ("papo/entropy_sample", "entropy -mean(lp) (original image)"),
+    ("papo/masked_entropy_sample", "entropy -mean(lp) (masked image)"),
     ("actor/pg_clipfrac_high", "high-side clip fraction"),
 )
 

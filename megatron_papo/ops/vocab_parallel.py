@@ -191,6 +191,7 @@ class _VocabStats(torch.autograd.Function):
         entropy = log_s - sums[..., 1] / sums[..., 0]
         kl = cross / sums[:, 0, 0] - log_s[:, 0] + log_s[:, 1] if q_logits is not None else None
         ctx.save_for_backward(p_logits, q_logits, local_t, in_shard, m_global, log_s, entropy, kl)
+        ctx.set_materialize_grads(False)  # unused outputs get None: their terms are skipped
         ctx.temperature, ctx.chunk_size = temperature, chunk_size
         out = [lp[:, 0], entropy[:, 0]] + ([lp[:, 1], entropy[:, 1], kl] if q_logits is not None else [])
         return tuple(out)  # float32 (float64 for float64 logits), even from bfloat16 logits
@@ -198,6 +199,10 @@ class _VocabStats(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads):
         p_logits, q_logits, local_t, in_shard, m_global, log_s, entropy, kl = ctx.saved_tensors
+        # q's gradient only when q asks for one (masked logits are detached in the reference default)
+        grad_q_needed = q_logits is not None and ctx.needs_input_grad[1]
+        if q_logits is not None and not grad_q_needed and grads[4] is None:
+            q_logits = None  # nor does p's gradient read q: the KL output is unused
         zero = torch.zeros_like(log_s[:, 0])
         g_lp, g_h, g_lq, g_hq, g_kl = (
             zero if g is None else g.to(zero.dtype) for g in (grads + (None,) * 3)[:5]
@@ -224,7 +229,7 @@ class _VocabStats(torch.autograd.Function):
         )
         hits = torch.where(in_shard.unsqueeze(-1), torch.stack([g_lp, g_lq], dim=-1), 0.0)
         grad_p = torch.empty_like(p_logits)
-        grad_q = torch.empty_like(q_logits) if q_logits is not None else None
+        grad_q = torch.empty_like(q_logits) if grad_q_needed else None
         for rows in _chunks(p_logits.shape[0], ctx.chunk_size):
             a, b, c, a_q, b_q, off_p, off_q = coef[rows].unsqueeze(-1).unbind(1)  # each [chunk, 1]
             target = local_t[rows].unsqueeze(-1)
@@ -235,9 +240,10 @@ class _VocabStats(torch.autograd.Function):
                 log_q = q_logits[rows].to(coef.dtype) / ctx.temperature - off_q
                 q = torch.exp(log_q)
                 inner = inner + c * torch.where(q > 0, log_q, 0.0)
-                g = torch.where(q > 0, q * (a_q + b_q * log_q), 0.0) + c * p
-                g.scatter_add_(-1, target, hits[rows, 1:])
-                grad_q[rows] = (g / ctx.temperature).to(grad_q.dtype)
+                if grad_q is not None:
+                    g = torch.where(q > 0, q * (a_q + b_q * log_q), 0.0) + c * p
+                    g.scatter_add_(-1, target, hits[rows, 1:])
+                    grad_q[rows] = (g / ctx.temperature).to(grad_q.dtype)
             g = torch.where(p > 0, p * inner, 0.0).scatter_add_(-1, target, hits[rows, :1])
             grad_p[rows] = (g / ctx.temperature).to(grad_p.dtype)
         return grad_p, grad_q, None, None, None, None

@@ -1,4 +1,5 @@
-"""Advantages: GRPO group normalisation, DAPO's dynamic-sampling filter and soft overlong punishment.
+"""Advantages: GRPO group normalisation, DAPO's dynamic-sampling filter, the soft overlong punishment and
+the reference-KL reward penalty.
 
 Responses are laid out group by group: entries ``[g * n, (g + 1) * n)`` answer prompt ``g``.
 """
@@ -48,3 +49,16 @@ def overlong_penalty(lengths: torch.Tensor, max_length: int, buffer: int, penalt
         raise ValueError(f"overlong buffer must be in (0, {max_length}], got {buffer}")
     exceed = lengths.double() - (max_length - buffer)
     return torch.clamp(-exceed / buffer * penalty, max=0.0).float()
+
+
+def kl_penalized_scores(
+    scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, coef: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference-KL reward penalty: each response's score minus ``coef`` times its summed per-token
+    KL (the reference's token-level rewards, summed by GRPO), and each response's mean per-token KL.
+
+    scores: [N]; kl, mask: [N, L] (per-token KL to the reference, response tokens) -> ([N], [N]).
+    """
+    kl = torch.where(mask > 0, kl.double(), 0.0)
+    tokens = mask.double().sum(-1).clamp(min=1)
+    return (scores.double() - coef * kl.sum(-1)).float(), (kl.sum(-1) / tokens).float()

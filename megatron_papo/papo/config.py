@@ -14,7 +14,15 @@ Reference behaviour is the default; the corrected variants the brief asks for ar
 ``masked_grad`` (masked-image log-probs with gradient, so the masked-entropy term acts),
 ``kl_prc_estimator: k3_inverted`` (the paper's figure: ratio pi/pi_mask instead of pi_mask/pi) or
 ``exact`` (full-vocabulary KL), and ``global_token_mean`` (one token-mean over the whole mini-batch, all
-micro-batches and DP ranks, instead of a mean per micro-batch).
+micro-batches and DP ranks, instead of a mean per micro-batch). Where the official PAPO code's own loss
+functions differ from a cleaner formulation, the reference is the default and the other a named option:
+``kl_prc_top_p_select`` (``quantile``: the reference's nanquantile threshold, ties kept, mask before the
+per-token clip, kept KL summed over ALL response tokens; ``count``: exactly ceil(top_p * tokens) tokens,
+averaged over the kept ones), ``entropy_agg`` (``token-mean``: both entropy terms token-averaged whatever
+``loss_agg_mode``, as the reference; ``loss_agg_mode``: aggregated like the other terms) and
+``kl_prc_clamp_all`` (the reference clamps only k3-type estimators; True clamps k1 / k2 too).
+Reference extras, default off: ``use_sft_loss`` (an NLL term on correct rollouts) and ``ref_kl_in_reward``
+(the reference-KL as a reward penalty, fixed or adaptive controller, instead of a loss term).
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ from typing import Literal, get_args, get_origin, get_type_hints
 AlgorithmName = Literal["grpo", "dapo", "papo_g", "papo_d"]
 KLPrcEstimator = Literal["k1", "k2", "k3", "k3_inverted", "exact"]
 LossAggMode = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"]
+KLEstimator = Literal["k1", "k2", "k3"]
 
 PRESETS: dict[str, dict[str, object]] = {
     "grpo": dict(
@@ -53,9 +62,11 @@ class AlgorithmConfig:
     # Implicit Perception Loss: loss -= gamma * agg(KL_prc)
     gamma: float | None = None
     kl_prc_estimator: KLPrcEstimator = "k3"
-    kl_prc_clamp: float = 10.0  # per-token clamp to [-c, c] (reference)
+    kl_prc_clamp: float = 10.0  # per-token clamp to [-c, c] of k3 / k3_inverted / exact (reference)
+    kl_prc_clamp_all: bool = False  # True: clamp k1 and k2 too (the reference leaves them unclamped)
     kl_prc_token_clip: float | None = None  # option: per-token clip to [0, c] (c = 0.2)
     kl_prc_top_p: float | None = None  # option: keep the top-p fraction (0.2) of tokens per sample by KL_prc
+    kl_prc_top_p_select: Literal["quantile", "count"] = "quantile"  # quantile: reference (see module doc)
     gamma_anneal: Literal["none", "linear"] = "none"
     gamma_start: float = 1.0  # annealing factor at the start (times gamma and the entropy coefficients)
     gamma_end: float = 0.0
@@ -64,9 +75,20 @@ class AlgorithmConfig:
     eta1: float | None = None
     eta2: float | None = None
     entropy_estimator: Literal["sample", "exact"] = "sample"  # sample: H = -mean(lp) as the reference code
+    entropy_agg: Literal["token-mean", "loss_agg_mode"] = "token-mean"  # token-mean: reference, any mode
     masked_grad: bool = False
-    # KL to the reference model: loss += ref_kl_coef * agg(k3(lp_ref - lp))
+    # KL to the reference model: loss += ref_kl_coef * agg(k(lp_ref - lp)), or (ref_kl_in_reward) each
+    # response's score -= coef * sum_t k(lp_ref - lp_old) before advantages, coef from a KL controller
     ref_kl_coef: float | None = None
+    ref_kl_estimator: KLEstimator = "k3"  # k3 = the reference scripts' low_var_kl (clamped to +-10)
+    ref_kl_in_reward: bool = False
+    ref_kl_controller: Literal["fixed", "adaptive"] = "fixed"
+    ref_kl_target: float = 0.1  # adaptive controller: target KL per token
+    ref_kl_horizon: float = 10000.0  # adaptive controller: horizon in responses
+    # reference extra: loss += sft_loss_coef * NLL over the response tokens of correct rollouts
+    use_sft_loss: bool = False
+    sft_loss_coef: float = 1e-3
+    sft_min_accuracy: float = 0.1  # a rollout is "correct" when its accuracy is above this (reference)
     # aggregation
     loss_agg_mode: LossAggMode = "token-mean"
     global_token_mean: bool = False
@@ -109,6 +131,10 @@ class AlgorithmConfig:
             )
         if not 0 <= self.dynamic_sampling_low < self.dynamic_sampling_high <= 1:
             raise ValueError("algorithm: need 0 <= dynamic_sampling_low < dynamic_sampling_high <= 1")
+        if self.ref_kl_controller == "adaptive" and not (self.ref_kl_target > 0 and self.ref_kl_horizon > 0):
+            raise ValueError("algorithm: the adaptive KL controller needs ref_kl_target, ref_kl_horizon > 0")
+        if self.ref_kl_in_reward and not self.ref_kl_coef:
+            raise ValueError("algorithm.ref_kl_in_reward needs ref_kl_coef > 0 (the start value)")
         if self.max_tries < 1:
             raise ValueError(f"algorithm.max_tries must be >= 1, got {self.max_tries}")
         if self.global_token_mean and self.loss_agg_mode != "token-mean":
@@ -132,8 +158,18 @@ class AlgorithmConfig:
         return bool(self.gamma or self.eta2)
 
     @property
+    def masked_in_update(self) -> bool:
+        """Masked-image logits come through the update pass (a doubled micro-batch) with gradient."""
+        return self.masked_grad and self.uses_masked_images
+
+    @property
     def uses_ref_kl(self) -> bool:
+        """The reference model's log-probs are needed (as a loss term or as a reward penalty)."""
         return bool(self.ref_kl_coef)
+
+    @property
+    def ref_kl_in_loss(self) -> bool:
+        return self.uses_ref_kl and not self.ref_kl_in_reward
 
     def anneal_factor(self, progress: float) -> float:
         """The factor on gamma and the entropy coefficients at ``progress`` in [0, 1] of training."""

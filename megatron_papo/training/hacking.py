@@ -12,7 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-KEYS = ("papo/kl_prc", "papo/entropy", "papo/masked_entropy", "actor/pg_clipfrac_high")
+# the pair of entropies the default rule was calibrated on (docs/results.md): the exact entropy with the
+# original image and the sample estimate -mean(lp_mask) with the masked one (all a default run computes)
+KEYS = ("papo/kl_prc", "papo/entropy", "papo/masked_entropy_sample", "actor/pg_clipfrac_high")
 
 
 @dataclass
@@ -52,7 +54,8 @@ class HackingDetector:
         suspicious = (
             metrics["papo/kl_prc"] > self.cfg.kl_factor * max(base["papo/kl_prc"], 1e-8)
             and metrics["papo/entropy"] > self.cfg.entropy_factor * base["papo/entropy"]
-            and metrics["papo/masked_entropy"] > self.cfg.entropy_factor * base["papo/masked_entropy"]
+            and metrics["papo/masked_entropy_sample"]
+            > self.cfg.entropy_factor * base["papo/masked_entropy_sample"]
             and metrics["actor/pg_clipfrac_high"] > base["actor/pg_clipfrac_high"] + self.cfg.clip_delta
         )
         self._streak = self._streak + 1 if suspicious else 0

@@ -127,11 +127,11 @@ class TrainingLoop:
                 self.metrics.log(self.step, metrics)
             bad_steps = bad_steps + 1 if metrics.get("actor/update_skipped", 0.0) > 0 else 0
             if bad_steps:
-                self.log(f"step {self.step}: non-finite loss, update skipped ({bad_steps} in a row)")
+                self.log(f"step {self.step}: non-finite loss or grad, update skipped ({bad_steps} in a row)")
             if bad_steps >= cfg.trainer.max_bad_steps:  # no save: the weights may be what diverged
                 saved = latest_step(cfg.checkpoint.dir)
                 raise TrainingDiverged(
-                    f"{bad_steps} consecutive steps with a non-finite loss (trainer.max_bad_steps="
+                    f"{bad_steps} consecutive steps with a non-finite loss or grad (trainer.max_bad_steps="
                     f"{cfg.trainer.max_bad_steps}); stopping at step {self.step}; "
                     + (f"the step-{saved} checkpoint is untouched" if saved else "nothing was saved")
                 )

@@ -6,6 +6,7 @@ import os
 
 import torch
 import torch.distributed as dist
+from PIL import Image
 from transformers import AutoImageProcessor, AutoTokenizer
 
 from megatron_papo.data.config import DataConfig, MaskingConfig
@@ -73,6 +74,13 @@ class PromptSource:
         if prompt.pixel_values is None or len(prompt.images) == 0:
             return None
         return self.masker(prompt, step)
+
+    def masked_rgb_images(self, prompt: EncodedPrompt, step: int) -> list[Image.Image]:
+        """The masked images of ``prompt`` for ``step`` as RGB images, for engines that take images (vLLM):
+        preprocessed, exactly ``mask_images(prompt, step)``; ValueError for ``masking.strategy=noise``."""
+        if prompt.pixel_values is None or len(prompt.images) == 0:
+            return []
+        return self.masker.images(prompt, step)
 
     def state_dict(self) -> dict:
         return self.loader.state_dict()

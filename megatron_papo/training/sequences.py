@@ -21,7 +21,8 @@ class StepSequences:
 
     input_ids, attention_mask, labels: [N, L] int64; loss_mask: [N, L] float32; position_ids: [3, N, L];
     pixel_values / masked_pixel_values: per sequence [n_patches_i, 3*2*14*14] (or None: text only);
-    image_grid_thw: per sequence [n_images_i, 3] (or None); advantages: [N]. Per-token tensors filled by
+    image_grid_thw: per sequence [n_images_i, 3] (or None); advantages: [N]; sft_weights: [N] (1 on
+    correct rollouts, for the SFT term) or None. Per-token tensors filled by
     the trainer (old / masked / reference log-probs) are [N, L] and live in ``token_data``.
     """
 
@@ -34,6 +35,7 @@ class StepSequences:
     masked_pixel_values: list[torch.Tensor | None]
     image_grid_thw: list[torch.Tensor | None]
     advantages: torch.Tensor
+    sft_weights: torch.Tensor | None = None
     token_data: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def __len__(self) -> int:
@@ -146,7 +148,29 @@ def micro_batch(
         "image_grid_thw": _cat_images([seqs.image_grid_thw[i] for i in idx]),
         "advantages": seqs.advantages[index],
     }
+    if seqs.sft_weights is not None:
+        batch["sft_weights"] = seqs.sft_weights[index]
     batch.update({k: v[index] for k, v in seqs.token_data.items()})
+    return batch
+
+
+def update_micro_batch(
+    seqs: StepSequences, index: torch.Tensor, with_masked: bool
+) -> dict[str, torch.Tensor | None]:
+    """``micro_batch`` for the update pass; ``with_masked`` (``masked_grad``): the model inputs doubled,
+    the original images' sequences [b] then the same tokens with the masked images [b], in one forward
+    (input_ids, attention_mask [2b, L]; position_ids [3, 2b, L]; images concatenated likewise); per-token
+    data stays [b, L]."""
+    batch = micro_batch(seqs, index)
+    if not with_masked:
+        return batch
+    masked = micro_batch(seqs, index, masked=True)
+    for key in ("input_ids", "attention_mask"):
+        batch[key] = torch.cat([batch[key], masked[key]])
+    batch["position_ids"] = torch.cat([batch["position_ids"], masked["position_ids"]], dim=1)
+    if batch["pixel_values"] is not None:
+        batch["pixel_values"] = torch.cat([batch["pixel_values"], masked["pixel_values"]])
+        batch["image_grid_thw"] = torch.cat([batch["image_grid_thw"], masked["image_grid_thw"]])
     return batch
 
 

@@ -1,0 +1,82 @@
+"""The loss the update schedule runs on each micro-batch: the PAPO objective plus the schedule's scaling.
+
+megatron-core divides each micro-batch's loss by the number of micro-batches, and DDP averages gradients
+over the data-parallel (DP) ranks. With ``global_token_mean`` each micro-batch's loss is a token SUM over
+the whole mini-batch's counts (``TokenCounts``), so ``UpdateLoss`` multiplies it by
+``num_microbatches * dp_size``: the summed gradients are then exactly those of one token-mean over the
+mini-batch, and ``actor/loss`` averaged over micro-batches and ranks is that token-mean. Without it each
+micro-batch is averaged on its own (the reference), and the schedule's averaging is what is wanted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from megatron_papo.papo.config import AlgorithmConfig
+from megatron_papo.papo.loss import TokenCounts, local_token_counts, papo_loss
+from megatron_papo.parallel.device import current_device
+
+
+def global_token_counts(
+    cfg: AlgorithmConfig,
+    loss_mask: torch.Tensor,
+    sft_weights: torch.Tensor | None,
+    group: dist.ProcessGroup | None,
+) -> TokenCounts:
+    """``TokenCounts`` of one mini-batch over the DP ``group``: loss_mask [n, L] and sft_weights [n] are
+    this rank's sequences of the mini-batch (a collective: every DP rank calls it)."""
+    sums = local_token_counts(cfg, loss_mask, sft_weights).to(current_device())
+    if group is not None and dist.get_world_size(group) > 1:
+        dist.all_reduce(sums, group=group)
+    return TokenCounts.from_sums(sums.cpu())
+
+
+@dataclass
+class UpdateLoss:
+    """``loss_fn(batch, logits)`` for ``Policy.train_step``: one optimizer step's micro-batches.
+
+    ``counts``: the mini-batch's ``TokenCounts`` when ``algo.global_token_mean`` (else None).
+    ``batch`` holds labels, loss_mask, advantages, old_log_probs and optional masked_log_probs,
+    ref_log_probs, rollout_is_weights, sft_weights (``training.sequences.micro_batch``). With
+    ``algo.masked_in_update`` the logits [2b, s, vocab/tp] are the original then the masked images.
+    """
+
+    algo: AlgorithmConfig
+    temperature: float
+    progress: float
+    num_microbatches: int
+    dp_size: int
+    counts: TokenCounts | None = None
+
+    def __post_init__(self) -> None:
+        if self.algo.global_token_mean != (self.counts is not None):
+            raise ValueError("UpdateLoss: pass counts exactly when algorithm.global_token_mean is on")
+
+    def __call__(self, batch: dict[str, Any], logits: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+        masked_logits = None
+        if self.algo.masked_in_update:
+            logits, masked_logits = logits.chunk(2, dim=0)
+        loss, metrics = papo_loss(
+            self.algo,
+            logits,
+            batch["labels"],
+            batch["loss_mask"],
+            batch["advantages"],
+            batch["old_log_probs"],
+            masked_logits=masked_logits,
+            masked_log_probs=batch.get("masked_log_probs"),
+            ref_log_probs=batch.get("ref_log_probs"),
+            sft_weights=batch.get("sft_weights"),
+            temperature=self.temperature,
+            progress=self.progress,
+            global_counts=self.counts,
+            rollout_is_weights=batch.get("rollout_is_weights"),
+        )
+        if self.counts is not None:  # undo the schedule's and DDP's averaging
+            loss = loss * (self.num_microbatches * self.dp_size)
+            metrics["actor/loss"] = loss.detach()
+        return loss, {k: v.detach() for k, v in metrics.items()}
