@@ -1,6 +1,7 @@
 """Fused vocab-parallel ops: log-probs, entropies and KLs over tensor-parallel vocabulary shards."""
 
 from megatron_papo.ops.vocab_parallel import (
+    NonFiniteError,
     full_kl,
     kl_estimate,
     log_probs_and_entropy,
