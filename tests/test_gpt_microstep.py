@@ -15,7 +15,7 @@ from multiprocess import run_distributed
 from tiny_gpt import tiny_gpt
 
 from megatron_papo.papo.config import AlgorithmConfig
-from megatron_papo.papo.loss import papo_loss
+from megatron_papo.training.update_loss import UpdateLoss, global_token_counts
 
 SEQ, VOCAB, PROMPT = 12, 64, 4
 RESPONSE_LENGTHS = (7, 3, 6, 2)  # micro-batches of 2 hold 10 and 8 response tokens
@@ -56,32 +56,22 @@ def _model():
     return tiny_gpt(VOCAB, SEQ, tied=False)
 
 
-def _loss_fn(cfg, batch, global_tokens, num_microbatches, output):
-    """The trainer's loss: original and masked halves of the doubled micro-batch, vocab-parallel logits."""
-    logits, masked_logits = output.chunk(2, dim=0)  # [b, s, vocab/tp] each
-    loss, metrics = papo_loss(
-        cfg,
-        logits,
-        batch["labels"],
-        batch["loss_mask"],
-        batch["advantages"],
-        batch["old_log_probs"],
-        masked_logits=masked_logits,
-        ref_log_probs=batch["ref_log_probs"],
-        temperature=TEMPERATURE,
-        progress=PROGRESS,
-        global_token_count=global_tokens if cfg.global_token_mean else None,
-    )
-    # global token-mean: each micro-batch is a share of one mean; undo the schedule's 1 / num_microbatches
-    scale = num_microbatches if cfg.global_token_mean else 1
-    return loss * scale, {"loss": loss.detach(), "kl_prc": metrics["papo/kl_prc"]}
+def _loss_fn(cfg, batch, counts, num_microbatches, output):
+    """The trainer's loss (``UpdateLoss``): original and masked halves of the doubled micro-batch,
+    vocab-parallel logits. No DDP here (every rank runs the whole batch): dp_size 1."""
+    loss_fn = UpdateLoss(cfg, TEMPERATURE, PROGRESS, num_microbatches, 1, counts)
+    loss, metrics = loss_fn(batch, output)
+    return loss, {
+        "loss": metrics["actor/loss"] / (num_microbatches if counts else 1),
+        "kl_prc": metrics["papo/kl_prc"],
+    }
 
 
-def _forward_step(cfg, global_tokens, num_microbatches, data_iterator, model):
+def _forward_step(cfg, counts, num_microbatches, data_iterator, model):
     batch = next(data_iterator)
     inputs = torch.cat([batch["tokens"], batch["masked_tokens"]])
     output = model(inputs, torch.arange(SEQ).expand_as(inputs), None)
-    return output, partial(_loss_fn, cfg, batch, global_tokens, num_microbatches)
+    return output, partial(_loss_fn, cfg, batch, counts, num_microbatches)
 
 
 def _step(model, cfg: AlgorithmConfig, micro_batch_size: int) -> list[dict]:
@@ -93,9 +83,10 @@ def _step(model, cfg: AlgorithmConfig, micro_batch_size: int) -> list[dict]:
     micro = [
         {k: v[i : i + micro_batch_size] for k, v in batch.items()} for i in range(0, n, micro_batch_size)
     ]
+    counts = global_token_counts(cfg, batch["loss_mask"], None, None) if cfg.global_token_mean else None
     model.zero_grad(set_to_none=True)
     return get_forward_backward_func()(
-        forward_step_func=partial(_forward_step, cfg, float(batch["loss_mask"].sum()), len(micro)),
+        forward_step_func=partial(_forward_step, cfg, counts, len(micro)),
         data_iterator=iter(micro),
         model=[model],
         num_microbatches=len(micro),
