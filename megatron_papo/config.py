@@ -95,6 +95,12 @@ class TrainConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def __post_init__(self) -> None:
+        if self.rollout.backend == "vllm" and self.eval.interval and self.masking.strategy == "noise":
+            raise ValueError(
+                "eval with rollout.backend=vllm sends masked images to the servers, and masking.strategy="
+                "'noise' has none (its noise is on normalised pixels): use raw_grid, patch or precomputed, "
+                "or eval.interval=0"
+            )
         if self.algorithm.overlong_buffer > self.rollout.max_new_tokens:
             raise ValueError(
                 f"algorithm.overlong_buffer ({self.algorithm.overlong_buffer}) must be <= "

@@ -1,7 +1,9 @@
 """Accuracy on the test split with the original and with the masked images.
 
 The gap between the two is the vision dependency PAPO is meant to grow: a policy that ignores the
-image scores the same on both. Masks are those of step 0 (seeded), so evaluations are comparable.
+image scores the same on both. Masks are those of step 0 (seeded), so evaluations are comparable; vLLM
+servers are sent the masked images that preprocess to the embedded engine's masked pixel values
+(``ImageMasker.images``; ``masking.strategy=noise`` has none and fails there).
 """
 
 from __future__ import annotations
@@ -9,8 +11,10 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
+from PIL import Image
 
 from megatron_papo.config import TrainConfig
+from megatron_papo.data.encode import EncodedPrompt
 from megatron_papo.parallel.device import current_device
 from megatron_papo.policy import Policy
 from megatron_papo.rollout.distributed import generate_in_model_parallel_group
@@ -18,6 +22,17 @@ from megatron_papo.rollout.engine import RolloutRequest
 from megatron_papo.training.prompts import PromptSource
 
 EVAL_MASK_STEP = 0
+
+
+def _request_images(
+    source: PromptSource, prompt: EncodedPrompt, masked: bool, backend: str
+) -> list[Image.Image] | None:
+    """The RGB images of ``prompt``'s eval request: the originals, or in the masked pass those masked as the
+    trainer masks them at ``EVAL_MASK_STEP`` for a backend that takes images (vLLM; the embedded engine
+    takes the masked pixel values alone, and ``noise`` masking has no image)."""
+    if not masked:
+        return prompt.images
+    return source.masked_rgb_images(prompt, EVAL_MASK_STEP) if backend == "vllm" else None
 
 
 def evaluate(cfg: TrainConfig, policy: Policy, seed: int) -> dict[str, float]:
@@ -48,7 +63,7 @@ def evaluate(cfg: TrainConfig, policy: Policy, seed: int) -> dict[str, float]:
                 p.image_grid_thw,
                 seed=seed + i,
                 prompt_text=p.prompt_text,
-                images=None if masked else p.images,
+                images=_request_images(source, p, masked, cfg.rollout.backend),
             )
             for i, p in enumerate(prompts)
         ]

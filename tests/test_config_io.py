@@ -68,3 +68,26 @@ def test_bad_files(tmp_path):
     bad.write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="top level must be a mapping"):
         load_config(Outer, str(bad))
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (
+            ["rollout.backend=vllm", "rollout.vllm_urls=[http://127.0.0.1:1]", "eval.interval=2",
+             "masking.strategy=noise"],
+            "masking.strategy='noise' has none",
+        ),
+        (["algorithm.overlong_buffer=25"], "overlong_buffer (25) must be <= rollout.max_new_tokens (24)"),
+        (["algorithm.ref_kl_in_reward=true", "algorithm.ref_kl_coef=0"], "needs ref_kl_coef > 0"),
+    ],
+)  # fmt: skip
+def test_the_run_config_refuses_settings_that_span_sections(overrides, message):
+    """Caught when the config loads, before any process group, model or rollout."""
+    import os
+
+    from megatron_papo.config import load_train_config
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_train_config(os.path.join(root, "examples", "configs", "tiny_cpu.yaml"), overrides)

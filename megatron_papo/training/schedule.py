@@ -33,7 +33,14 @@ def _forward_step(loss_fn: LossFn, data_iterator, model):
         pixel_values=batch["pixel_values"],
         image_grid_thw=batch["image_grid_thw"],
     )
-    return output, partial(loss_fn, batch)
+    return output, partial(_detached_outputs, loss_fn, batch)
+
+
+def _detached_outputs(loss_fn: LossFn, batch: Batch, logits: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """``loss_fn`` with tensor outputs copied: megatron-core scales the returned loss in place
+    (``/= num_microbatches``), which would change a ``loss.detach()`` metric sharing its storage."""
+    loss, outputs = loss_fn(batch, logits)
+    return loss, {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in outputs.items()}
 
 
 def tolerate_non_finite(loss_fn: LossFn, fallback: Callable[[Batch], dict[str, Any]]) -> LossFn:
