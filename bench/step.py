@@ -49,7 +49,7 @@ from megatron_papo.policy import Policy
 from megatron_papo.rollout.config import RolloutConfig
 from megatron_papo.trainer import Trainer
 from megatron_papo.training.optimizer import OptimizerConfig
-from megatron_papo.training.sequences import StepSequences, build_sequences
+from megatron_papo.training.sequences import StepSequences, TokenData, build_sequences
 
 MIB = 2**20
 H100_BF16_DENSE_TFLOPS = 989.0
@@ -113,7 +113,7 @@ class StepBench(Trainer):
     def timed_step(self, seqs: StepSequences) -> tuple[float, float, float]:
         """Seconds of the log-prob passes, of the update's forward + backward and of its optimizer step
         (this rank; all ranks start together)."""
-        seqs.token_data.clear()
+        seqs.token_data = TokenData()
         self.policy.optimizer_s = 0.0
         dist.barrier()
         start = _synchronized_time()

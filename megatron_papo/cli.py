@@ -21,7 +21,7 @@ def _run_loop(args: argparse.Namespace) -> None:
     else:
         from megatron_papo.trainer import Trainer as Loop
 
-    from megatron_papo.training.loop import TrainingDiverged
+    from megatron_papo.loop import TrainingDiverged
 
     overrides = list(args.overrides) + (["checkpoint.resume=true"] if args.resume else [])
     try:

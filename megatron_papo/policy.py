@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 from megatron.core import parallel_state as ps
@@ -31,6 +32,14 @@ def build_rollout_engine(cfg: TrainConfig, eos_token_id: int, pad_token_id: int)
 
         return VllmEngine.from_config(cfg)
     return EmbeddedEngine(cfg.model.hf_path, cfg.rollout, eos_token_id, pad_token_id, device=current_device())
+
+
+@dataclass
+class UpdateResult:
+    """One optimizer step: its metrics (to log) and whether the update was skipped (to act on)."""
+
+    metrics: dict[str, float]
+    skipped: bool
 
 
 class Policy:
@@ -99,33 +108,39 @@ class Policy:
     def forward_only(self, batches: list[Batch], loss_fn: LossFn, ref: bool = False) -> list[dict]:
         return run_schedule(self.ref_model if ref else self.model, batches, loss_fn, forward_only=True)
 
-    def train_step(self, batches: list[Batch], loss_fn: LossFn) -> dict[str, float]:
+    def train_step(self, batches: list[Batch], loss_fn: LossFn) -> UpdateResult:
         """One optimizer step over ``batches``: averaged loss metrics (last stage), grad norm and LR.
 
         A non-finite loss or a NaN / inf gradient on any rank skips the step on every rank
-        (``actor/update_skipped`` = 1; ``actor/nonfinite_grad`` says which): megatron-core steps on
-        such gradients in bf16 without a loss scale (a NaN norm clips nothing).
+        (``UpdateResult.skipped``; the metric ``actor/nonfinite_grad`` says which): megatron-core steps
+        on such gradients in bf16 without a loss scale (a NaN norm clips nothing).
         """
         for chunk in self.model:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
-        loss_fn = tolerate_non_finite(loss_fn, lambda batch: {"actor/loss": float("nan")})
-        outputs = run_schedule(self.model, batches, loss_fn, forward_only=False)
-        loss_bad = any(not torch.isfinite(torch.as_tensor(o["actor/loss"])) for o in outputs)
-        bad = torch.tensor([float(loss_bad), float(not self._grads_finite())], device=current_device())
+        finite: list[bool] = []
+        guarded = tolerate_non_finite(loss_fn, lambda batch: {})
+
+        def recorded(batch: Batch, logits: torch.Tensor) -> tuple[torch.Tensor, dict]:
+            loss, outputs = guarded(batch, logits)
+            finite.append(bool(torch.isfinite(loss.detach())))
+            return loss, outputs
+
+        outputs = run_schedule(self.model, batches, recorded, forward_only=False)
+        bad = torch.tensor([float(not all(finite)), float(not self._grads_finite())], device=current_device())
         torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
         metrics = {
             k: sum(float(o.get(k, math.nan)) for o in outputs) / len(outputs) for k in set().union(*outputs)
         }
         metrics["actor/nonfinite_grad"] = float(bad[1])
         if bad.any():  # the gradients are left as they are: the next step zeroes them first
-            return metrics | {"actor/update_skipped": 1.0}
+            return UpdateResult(metrics | {"actor/update_skipped": 1.0}, skipped=True)
         ok, grad_norm, _ = self.optimizer.step()
         self.scheduler.step(increment=1)
         metrics["actor/grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
         metrics["actor/lr"] = float(self.optimizer.param_groups[0]["lr"])
         metrics["actor/update_skipped"] = float(not ok)
-        return metrics
+        return UpdateResult(metrics, skipped=not ok)
 
     def _grads_finite(self) -> bool:
         """Whether this rank's reduced gradients (megatron DDP's grad buffers) are all finite."""

@@ -14,10 +14,10 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
+from megatron_papo.loop import StepOutcome, TrainingLoop
 from megatron_papo.models import save_hf_directory
 from megatron_papo.parallel.device import current_device
 from megatron_papo.policy import Policy
-from megatron_papo.training.loop import TrainingLoop
 from megatron_papo.training.sequences import (
     StepSequences,
     build_sequences,
@@ -59,7 +59,7 @@ class SFTTrainer(TrainingLoop):
             position_fn=self.policy.position_ids,
         )
 
-    def train_step(self) -> dict[str, float]:
+    def train_step(self) -> StepOutcome:
         start = time.monotonic()
         seqs = self._batch()
         tokens = seqs.loss_mask.sum().reshape(1).to(current_device())
@@ -73,12 +73,12 @@ class SFTTrainer(TrainingLoop):
         def loss_fn(batch, logits):
             lp, _ = self.policy.log_probs(logits, batch["labels"], temperature=1.0)  # plain NLL
             nll = -(lp * batch["loss_mask"]).sum()
-            # "actor/loss": the key Policy.train_step checks for a non-finite loss
             return nll * scale, {"actor/loss": nll.detach() / batch["loss_mask"].sum().clamp(min=1)}
 
-        metrics = self.policy.train_step(batches, loss_fn)
+        result = self.policy.train_step(batches, loss_fn)
         elapsed = time.monotonic() - start
-        return metrics | {"perf/step_s": elapsed, "perf/tokens_per_s": float(tokens) / elapsed}
+        perf = {"perf/step_s": elapsed, "perf/tokens_per_s": float(tokens) / elapsed}
+        return StepOutcome(result.metrics | perf, result.skipped)
 
     def finish(self) -> None:
         export_dir = os.path.join(self.out_dir, "hf")

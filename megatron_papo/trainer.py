@@ -37,6 +37,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from megatron_papo.data.encode import EncodedPrompt
+from megatron_papo.loop import StepOutcome, TrainingLoop
 from megatron_papo.papo.advantages import (
     dynamic_sampling_keep,
     grpo_advantages,
@@ -46,14 +47,13 @@ from megatron_papo.papo.advantages import (
 from megatron_papo.papo.kl_controller import KLController
 from megatron_papo.papo.loss import reference_kl
 from megatron_papo.parallel.device import current_device
-from megatron_papo.policy import Policy
+from megatron_papo.policy import Policy, UpdateResult
 from megatron_papo.rewards.registry import RewardOutput
 from megatron_papo.rollout.correction import logprob_mismatch, truncated_importance_weights
 from megatron_papo.rollout.distributed import generate_in_model_parallel_group
 from megatron_papo.rollout.engine import RolloutRequest
 from megatron_papo.training.dynamic_sampling import fill_rollout_batch
 from megatron_papo.training.hacking import HackingDetector
-from megatron_papo.training.loop import TrainingLoop
 from megatron_papo.training.schedule import tolerate_non_finite
 from megatron_papo.training.sequences import (
     StepSequences,
@@ -252,7 +252,7 @@ class Trainer(TrainingLoop):
             seqs.sft_weights = torch.tensor(correct, dtype=torch.float32)
         logprobs = [lp for g in groups for lp in g.logprobs]
         if all(lp is not None for lp in logprobs):
-            seqs.token_data["rollout_log_probs"] = response_token_values(prompts, logprobs, seqs.length)
+            seqs.token_data.rollout_log_probs = response_token_values(prompts, logprobs, seqs.length)
         return seqs
 
     # ---------------------------------------------------------------- passes over the policy
@@ -281,13 +281,15 @@ class Trainer(TrainingLoop):
         """Fill old / masked / reference log-probs; returns the seconds spent."""
         start = time.monotonic()
         algo = self.cfg.algorithm
-        data = {"old_log_probs": self._token_log_probs(seqs, masked=False)}
+        data = seqs.token_data
+        old = self._token_log_probs(seqs, masked=False)
+        masked = ref = None
         if algo.uses_masked_images and not algo.masked_grad:
-            data["masked_log_probs"] = self._token_log_probs(seqs, masked=True)
+            masked = self._token_log_probs(seqs, masked=True)
         if algo.uses_ref_kl:
-            data["ref_log_probs"] = self._token_log_probs(seqs, masked=False, ref=True)
+            ref = self._token_log_probs(seqs, masked=False, ref=True)
         if ps.is_pipeline_last_stage():  # only the loss stage holds (and needs) per-token data
-            seqs.token_data.update(data)
+            data.old_log_probs, data.masked_log_probs, data.ref_log_probs = old, masked, ref
         return time.monotonic() - start
 
     def _reference_kl_reward(self, seqs: StepSequences, scores: torch.Tensor) -> dict[str, float]:
@@ -299,7 +301,7 @@ class Trainer(TrainingLoop):
         totals = torch.zeros(2, dtype=torch.float64)  # sum of per-response mean KL, responses
         if ps.is_pipeline_last_stage():
             data = seqs.token_data
-            kl = reference_kl(self.cfg.algorithm, data["old_log_probs"], data["ref_log_probs"])
+            kl = reference_kl(self.cfg.algorithm, data.old_log_probs, data.ref_log_probs)
             penalized, per_response = kl_penalized_scores(scores, kl, seqs.loss_mask, coef)
             seqs.advantages = self._advantages(penalized)
             totals += torch.tensor([float(per_response.double().sum()), float(len(per_response))])
@@ -312,16 +314,17 @@ class Trainer(TrainingLoop):
     def _rollout_correction(self, seqs: StepSequences) -> dict[str, float]:
         """The engine vs trainer log-prob gap (and, with ``rollout.tis_cap``, the truncated importance
         weights in ``token_data``), on the last pipeline stage when the engine reports log-probs."""
-        rollout_lp = seqs.token_data.get("rollout_log_probs")
+        rollout_lp = seqs.token_data.rollout_log_probs
         if rollout_lp is None or not ps.is_pipeline_last_stage():
             return {}
-        old, mask, cap = seqs.token_data["old_log_probs"], seqs.loss_mask, self.cfg.rollout.tis_cap
+        old, mask, cap = seqs.token_data.old_log_probs, seqs.loss_mask, self.cfg.rollout.tis_cap
         if cap is not None:
-            seqs.token_data["rollout_is_weights"] = truncated_importance_weights(old, rollout_lp, mask, cap)
+            seqs.token_data.rollout_is_weights = truncated_importance_weights(old, rollout_lp, mask, cap)
         return {"rollout/logprob_mismatch": logprob_mismatch(old, rollout_lp, mask)}
 
-    def _update(self, seqs: StepSequences) -> dict[str, float]:
-        """``ppo_epochs`` passes of mini-batch optimizer steps over ``seqs``; returns averaged metrics.
+    def _update(self, seqs: StepSequences) -> StepOutcome:
+        """``ppo_epochs`` passes of mini-batch optimizer steps over ``seqs``: metrics averaged over them,
+        skipped when any of them was.
 
         Every mini-batch is whole: the rollout batch always is (``_sample_groups``) and divides into
         update batches (``TrainerConfig``). The annealing factor of the first step is ``gamma_start``.
@@ -333,7 +336,7 @@ class Trainer(TrainingLoop):
             raise RuntimeError(f"{len(seqs)} sequences do not split into mini-batches of {per_update}")
         progress = (self.step - 1) / cfg.trainer.steps
         dp_group = ps.get_data_parallel_group()
-        collected: list[dict[str, float]] = []
+        results: list[UpdateResult] = []
         generator = torch.Generator().manual_seed(
             prompt_seed(cfg.trainer.seed, self.step, f"dp{self.dp_rank}")
         )
@@ -351,13 +354,14 @@ class Trainer(TrainingLoop):
                 loss_fn = UpdateLoss(
                     algo, cfg.rollout.temperature, progress, len(batches), self.dp_size, counts
                 )
-                collected.append(self.policy.train_step(batches, loss_fn))
-        keys = {k for m in collected for k in m}
-        return {k: _mean([m[k] for m in collected if k in m]) for k in keys}
+                results.append(self.policy.train_step(batches, loss_fn))
+        keys = {k for r in results for k in r.metrics}
+        metrics = {k: _mean([r.metrics[k] for r in results if k in r.metrics]) for k in keys}
+        return StepOutcome(metrics, skipped=any(r.skipped for r in results))
 
     # ---------------------------------------------------------------- one step
 
-    def train_step(self) -> dict[str, float]:
+    def train_step(self) -> StepOutcome:
         start = time.monotonic()
         groups, metrics = self._sample_groups()
         rollout_time = time.monotonic() - start
@@ -369,7 +373,8 @@ class Trainer(TrainingLoop):
             metrics |= self._reference_kl_reward(seqs, scores)
         metrics |= self._rollout_correction(seqs)
         update_start = time.monotonic()
-        metrics |= self._update(seqs)
+        update = self._update(seqs)
+        metrics |= update.metrics
         update_time = time.monotonic() - update_start
         sync_start = time.monotonic()
         self.policy.sync_rollout_weights()
@@ -377,7 +382,7 @@ class Trainer(TrainingLoop):
         tokens = torch.tensor([float(seqs.attention_mask.sum())], device=current_device())
         dist.all_reduce(tokens, group=ps.get_data_parallel_group())
         metrics |= self.policy.engine.last_stats  # rollout tokens/s, sync time and size
-        return metrics | {
+        perf = {
             "perf/rollout_s": rollout_time,
             "perf/log_prob_s": log_prob_time,
             "perf/update_s": update_time,
@@ -385,3 +390,4 @@ class Trainer(TrainingLoop):
             "perf/step_s": total,
             "perf/tokens_per_s": float(tokens) / total,
         }
+        return StepOutcome(metrics | perf, update.skipped)

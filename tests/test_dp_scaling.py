@@ -121,9 +121,10 @@ def _update_worker(cfg, data: dict) -> dict:
 
     from megatron.core import parallel_state as ps
 
+    from megatron_papo.loop import average_over_ranks
     from megatron_papo.policy import Policy
-    from megatron_papo.training.loop import average_over_ranks
     from megatron_papo.training.sequences import (
+        TokenData,
         build_sequences,
         micro_batch_indices,
         padded_length,
@@ -171,9 +172,9 @@ def _update_worker(cfg, data: dict) -> dict:
             for name, p in named:
                 p.copy_(initial[name])
         algo = dataclasses.replace(cfg.algorithm, global_token_mean=global_mean, masked_grad=masked_grad)
-        seqs.token_data = {"old_log_probs": old_log_probs}
+        seqs.token_data = TokenData(old_log_probs=old_log_probs)
         if not masked_grad:
-            seqs.token_data["masked_log_probs"] = masked_log_probs
+            seqs.token_data.masked_log_probs = masked_log_probs
         # Trainer._update for one mini-batch: this rank's whole share, in order
         chunk = torch.arange(len(seqs))
         counts = None
@@ -185,7 +186,7 @@ def _update_worker(cfg, data: dict) -> dict:
         ]
         loss_fn = UpdateLoss(algo, temperature, PROGRESS, len(batches), dp_size, counts)
         pre_step.clear()
-        metrics = policy.train_step(batches, loss_fn)
+        metrics = policy.train_step(batches, loss_fn).metrics
         grads = {name: p.main_grad.detach().cpu().clone() for name, p in named}
         moved = max(float((p.main_grad - pre_step[name]).abs().max()) for name, p in named)
         weights_moved = max(float((p.detach() - initial[name]).abs().max()) for name, p in named)

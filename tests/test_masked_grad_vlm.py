@@ -195,6 +195,7 @@ def _policy_gradients(hf_dir: str, data: dict, old_log_probs: list[torch.Tensor]
     from megatron_papo.policy import Policy
     from megatron_papo.training.schedule import run_schedule
     from megatron_papo.training.sequences import (
+        TokenData,
         build_sequences,
         micro_batch,
         padded_length,
@@ -235,12 +236,10 @@ def _policy_gradients(hf_dir: str, data: dict, old_log_probs: list[torch.Tensor]
             name="papo_g", masked_grad=masked_grad, gamma=GAMMA, eta1=0.0, eta2=ETA2, ref_kl_coef=0.0
         )
         # token data as the trainer leaves it: masked log-probs only in the reference default
-        seqs.token_data = {"old_log_probs": old}
+        seqs.token_data = TokenData(old_log_probs=old)
         if not masked_grad:
-            seqs.token_data["masked_log_probs"] = torch.zeros_like(old)
-            seqs.token_data["masked_log_probs"][torch.cat(mine)] = torch.cat(
-                [o["log_probs"] for o in masked_lp]
-            )
+            seqs.token_data.masked_log_probs = torch.zeros_like(old)
+            seqs.token_data.masked_log_probs[torch.cat(mine)] = torch.cat([o["log_probs"] for o in masked_lp])
         batches = [update_micro_batch(seqs, idx, with_masked=algo.masked_in_update) for idx in mine]
         for chunk in policy.model:
             chunk.zero_grad_buffer()

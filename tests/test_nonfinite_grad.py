@@ -66,9 +66,11 @@ def _steps(model: str, run_dir: str) -> list[dict]:
     clean = policy.train_step([batch], loss_fn)
     return [
         dict(
-            poisoned=poisoned,
+            poisoned=poisoned.metrics,
+            poisoned_skipped=poisoned.skipped,
             unchanged=torch.equal(before, after_poisoned),
-            clean=clean,
+            clean=clean.metrics,
+            clean_skipped=clean.skipped,
             moved=not torch.equal(after_poisoned, weights()),
             finite=bool(torch.isfinite(weights()).all()),
         )
@@ -80,7 +82,7 @@ def test_nan_gradient_on_one_rank_skips_the_step_everywhere(tmp_path):
     for (rank_result,) in run_distributed(_steps, 2, model, str(tmp_path / "run"), tp=2):
         poisoned, clean = rank_result["poisoned"], rank_result["clean"]
         assert math.isfinite(poisoned["actor/loss"])  # the loss alone would not have caught it
-        assert poisoned["actor/update_skipped"] == 1 and poisoned["actor/nonfinite_grad"] == 1
+        assert rank_result["poisoned_skipped"] and poisoned["actor/nonfinite_grad"] == 1
         assert rank_result["unchanged"], "a skipped step must leave the weights as they were"
-        assert clean["actor/update_skipped"] == 0 and clean["actor/nonfinite_grad"] == 0
+        assert not rank_result["clean_skipped"] and clean["actor/nonfinite_grad"] == 0
         assert rank_result["moved"] and rank_result["finite"]

@@ -69,7 +69,7 @@ def test_response_token_values_sit_where_the_loss_mask_is():
 
 def test_micro_batches_carry_their_images_in_order():
     seqs, _, _ = _example()
-    seqs.token_data["old_log_probs"] = torch.arange(24.0).view(3, 8)
+    seqs.token_data.old_log_probs = torch.arange(24.0).view(3, 8)
     batch = micro_batch(seqs, torch.tensor([2, 0]))
     assert batch["input_ids"].shape == (2, 8) and batch["position_ids"].shape == (3, 2, 8)
     assert torch.equal(batch["pixel_values"], seqs.pixel_values[0])  # sequence 2 has no image

@@ -101,7 +101,7 @@ def _sft_losses(model: str, root: str) -> list[float]:
         cfg = _config(model, f"{root}/t{temperature}", f"rollout.temperature={temperature}")
         trainer = SFTTrainer(cfg)
         trainer.step = 1
-        losses.append(trainer.train_step()["actor/loss"])
+        losses.append(trainer.train_step().metrics["actor/loss"])
     return losses
 
 

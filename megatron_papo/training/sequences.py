@@ -10,9 +10,30 @@ prompt share one tensor, and a micro-batch concatenates the images of its sequen
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
+
+
+@dataclass
+class TokenData:
+    """Per-token values of a step's sequences, each [N, L] in ``build_sequences``' layout (at the positions
+    where ``loss_mask`` is 1), None until computed. They live on the last pipeline stage only.
+
+    old_log_probs: the pre-update policy's; masked_log_probs: the same with the masked images (no
+    gradient: PAPO's reference default); ref_log_probs: the reference model's; rollout_log_probs: the
+    rollout engine's; rollout_is_weights: truncated importance weights pi_old / pi_rollout.
+    """
+
+    old_log_probs: torch.Tensor | None = None
+    masked_log_probs: torch.Tensor | None = None
+    ref_log_probs: torch.Tensor | None = None
+    rollout_log_probs: torch.Tensor | None = None
+    rollout_is_weights: torch.Tensor | None = None
+
+    def present(self) -> dict[str, torch.Tensor]:
+        """The computed values by field name (a micro-batch carries them under these names)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
 
 
 @dataclass
@@ -36,7 +57,7 @@ class StepSequences:
     image_grid_thw: list[torch.Tensor | None]
     advantages: torch.Tensor
     sft_weights: torch.Tensor | None = None
-    token_data: dict[str, torch.Tensor] = field(default_factory=dict)
+    token_data: TokenData = field(default_factory=TokenData)
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -150,7 +171,7 @@ def micro_batch(
     }
     if seqs.sft_weights is not None:
         batch["sft_weights"] = seqs.sft_weights[index]
-    batch.update({k: v[index] for k, v in seqs.token_data.items()})
+    batch.update({k: v[index] for k, v in seqs.token_data.present().items()})
     return batch
 
 

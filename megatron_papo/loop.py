@@ -1,6 +1,6 @@
 """What every training loop shares (RL and SFT): bring-up, steps, metrics, evaluation and checkpoints.
 
-A subclass builds its ``policy`` (a ``Policy``) and implements ``train_step() -> metrics``; ``run()``
+A subclass builds its ``policy`` (a ``Policy``) and implements ``train_step() -> StepOutcome``; ``run()``
 does the rest: metrics averaged over ranks and written by rank 0, periodic evaluation, atomic
 checkpoints every ``checkpoint.save_interval`` steps and at the end, resume with ``checkpoint.resume``.
 """
@@ -8,6 +8,7 @@ checkpoints every ``checkpoint.save_interval`` steps and at the end, resume with
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from typing import Any
 
 import torch.distributed as dist
@@ -40,6 +41,15 @@ def average_over_ranks(metrics: dict[str, float]) -> dict[str, float]:
     dist.all_gather_object(everyone, metrics)
     keys = {k for m in everyone for k in m}
     return {k: _mean([m[k] for m in everyone if k in m]) for k in sorted(keys)}
+
+
+@dataclass
+class StepOutcome:
+    """One step: its metrics (this rank's, to log) and whether its optimizer updates were skipped (a NaN /
+    inf loss or gradient; agreed by every rank)."""
+
+    metrics: dict[str, float]
+    skipped: bool
 
 
 class TrainingDiverged(RuntimeError):
@@ -86,7 +96,7 @@ class TrainingLoop:
     def build(self) -> None:
         raise NotImplementedError
 
-    def train_step(self) -> dict[str, float]:
+    def train_step(self) -> StepOutcome:
         raise NotImplementedError
 
     def after_step(self, metrics: dict[str, float]) -> bool:
@@ -110,7 +120,8 @@ class TrainingLoop:
         first = self.step
         while self.step < cfg.trainer.steps and not stop:
             self.step += 1
-            metrics = self.train_step()
+            outcome = self.train_step()
+            metrics = outcome.metrics
             last = self.step == cfg.trainer.steps
             exiting = cfg.trainer.exit_after_steps and self.step - first == cfg.trainer.exit_after_steps
             if exiting and not last:
@@ -125,7 +136,7 @@ class TrainingLoop:
             stop = self.after_step(metrics) or stop
             if self.metrics is not None:
                 self.metrics.log(self.step, metrics)
-            bad_steps = bad_steps + 1 if metrics.get("actor/update_skipped", 0.0) > 0 else 0
+            bad_steps = bad_steps + 1 if outcome.skipped else 0
             if bad_steps:
                 self.log(f"step {self.step}: non-finite loss or grad, update skipped ({bad_steps} in a row)")
             if bad_steps >= cfg.trainer.max_bad_steps:  # no save: the weights may be what diverged
