@@ -3,8 +3,8 @@
 Real code throughout. The policy is built as the trainer builds it (``Policy``: megatron-core
 Qwen2.5-VL at the launch's TP x PP, megatron DDP, megatron-core Adam), with random weights of the
 ``--size`` architecture. A step is the trainer's own passes on one synthetic batch of image + text
-sequences: ``Trainer._compute_token_data`` (old log-probs; the masked-image log-probs of PAPO's reference
-default; the reference model's with ``--ref-kl``), then ``Trainer._update`` (forward + backward with the
+sequences: ``training.passes.token_data_pass`` (old log-probs; the masked-image log-probs of PAPO's
+reference default; the reference model's with ``--ref-kl``), then ``update_pass`` (forward + backward with the
 PAPO loss through megatron-core's schedules, then one optimizer step, timed on its own). Rollout and
 weight sync are not timed.
 
@@ -47,8 +47,8 @@ from megatron_papo.planner.architectures import QWEN2_5_VL, LanguageArch, ModelA
 from megatron_papo.planner.flops import language_forward_flops, vision_forward_flops
 from megatron_papo.policy import Policy
 from megatron_papo.rollout.config import RolloutConfig
-from megatron_papo.trainer import Trainer
 from megatron_papo.training.optimizer import OptimizerConfig
+from megatron_papo.training.passes import token_data_pass, update_pass
 from megatron_papo.training.sequences import StepSequences, TokenData, build_sequences
 
 MIB = 2**20
@@ -101,27 +101,31 @@ class RandomPolicy(Policy):
         return model.to(current_device())
 
 
-class StepBench(Trainer):
-    """The trainer's log-prob and update passes over a given batch (``TrainingLoop.__init__``, which
-    reads data and writes metrics, is not run)."""
-
-    def __init__(self, cfg: TrainConfig, policy: Policy) -> None:
-        self.cfg, self.policy, self.step = cfg, policy, 1
-        self.dp_rank, self.dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
-        self.update_prompts_per_rank = self.per_rank(cfg.trainer.update_batch_size, 1, "update_batch_size")
-
-    def timed_step(self, seqs: StepSequences) -> tuple[float, float, float]:
-        """Seconds of the log-prob passes, of the update's forward + backward and of its optimizer step
-        (this rank; all ranks start together)."""
-        seqs.token_data = TokenData()
-        self.policy.optimizer_s = 0.0
-        dist.barrier()
-        start = _synchronized_time()
-        self._compute_token_data(seqs)
-        middle = _synchronized_time()
-        self._update(seqs)
-        update = _synchronized_time() - middle
-        return middle - start, update - self.policy.optimizer_s, self.policy.optimizer_s
+def timed_step(cfg: TrainConfig, policy: RandomPolicy, seqs: StepSequences) -> tuple[float, float, float]:
+    """The trainer's log-prob and update passes over ``seqs``: seconds of the log-prob passes, of the
+    update's forward + backward and of its optimizer step (this rank; all ranks start together)."""
+    seqs.token_data = TokenData()
+    policy.optimizer_s = 0.0
+    trainer = cfg.trainer
+    dist.barrier()
+    start = _synchronized_time()
+    token_data_pass(
+        policy.model, policy.ref_model, cfg.algorithm, seqs, trainer.micro_batch_size, cfg.rollout.temperature
+    )
+    middle = _synchronized_time()
+    update_pass(
+        policy.train_step,
+        cfg.algorithm,
+        seqs,
+        sequences_per_update=trainer.update_batch_size // ps.get_data_parallel_world_size(),
+        micro_batch_size=trainer.micro_batch_size,
+        ppo_epochs=trainer.ppo_epochs,
+        temperature=cfg.rollout.temperature,
+        progress=0.0,
+        generator=torch.Generator().manual_seed(trainer.seed),
+    )
+    update = _synchronized_time() - middle
+    return middle - start, update - policy.optimizer_s, policy.optimizer_s
 
 
 def to_device(seqs: StepSequences, device: str) -> StepSequences:
@@ -289,10 +293,9 @@ def run(args: argparse.Namespace, cfg: TrainConfig) -> tuple[dict[str, list[floa
     variants = algorithms(args.ref_kl)
     rounds = args.warmup + args.iters
     policy = RandomPolicy(cfg, rounds * len(variants), with_ref=args.ref_kl, with_engine=False)
-    bench = StepBench(cfg, policy)
     count = args.micro_batch_size * args.micro_batches
     seqs, grid = synthetic_sequences(
-        policy.hf_config, count, args.seq_length, args.image_size, args.seed + bench.dp_rank
+        policy.hf_config, count, args.seq_length, args.image_size, args.seed + ps.get_data_parallel_rank()
     )
     device = "cuda" if torch.cuda.is_available() else "cpu"
     seqs = to_device(seqs, device)
@@ -305,7 +308,7 @@ def run(args: argparse.Namespace, cfg: TrainConfig) -> tuple[dict[str, list[floa
             cfg.algorithm = algo
             _reset_peak_memory()
             try:
-                phases = bench.timed_step(seqs)
+                phases = timed_step(cfg, policy, seqs)
             except torch.OutOfMemoryError:  # one GPU: with more ranks the others would wait in a collective
                 samples[name] = None
                 torch.cuda.empty_cache()

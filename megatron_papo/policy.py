@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import torch
 from megatron.core import parallel_state as ps
@@ -17,11 +16,11 @@ from transformers import AutoConfig
 
 from megatron_papo.config import TrainConfig
 from megatron_papo.models import build_model, export_hf_state_dict, load_hf_weights, mrope_position_ids
-from megatron_papo.ops.vocab_parallel import log_probs_and_entropy
 from megatron_papo.parallel.device import current_device
 from megatron_papo.rollout.embedded import EmbeddedEngine
 from megatron_papo.rollout.engine import RolloutEngine
 from megatron_papo.training.optimizer import build_optimizer, distributed_optimizer_enabled
+from megatron_papo.training.passes import UpdateResult
 from megatron_papo.training.schedule import Batch, LossFn, run_schedule, tolerate_non_finite
 
 
@@ -32,14 +31,6 @@ def build_rollout_engine(cfg: TrainConfig, eos_token_id: int, pad_token_id: int)
 
         return VllmEngine.from_config(cfg)
     return EmbeddedEngine(cfg.model.hf_path, cfg.rollout, eos_token_id, pad_token_id, device=current_device())
-
-
-@dataclass
-class UpdateResult:
-    """One optimizer step: its metrics (to log) and whether the update was skipped (to act on)."""
-
-    metrics: dict[str, float]
-    skipped: bool
 
 
 class Policy:
@@ -90,20 +81,6 @@ class Policy:
     ) -> torch.Tensor:
         """Multimodal RoPE positions [3, b, s] of ``input_ids`` [b, s], as transformers computes them."""
         return mrope_position_ids(input_ids, image_grid_thw, attention_mask, self.hf_config)
-
-    @staticmethod
-    def log_probs(
-        logits: torch.Tensor, labels: torch.Tensor, temperature: float
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-token (log-prob of ``labels``, entropy), both [b, s], of ``softmax(logits / temperature)``.
-
-        logits: [b, s, vocab/tp] (vocab-parallel, never gathered); labels: [b, s].
-        """
-        b, s, v = logits.shape
-        lp, entropy = log_probs_and_entropy(
-            logits.reshape(b * s, v), labels.reshape(b * s), temperature=temperature
-        )
-        return lp.view(b, s), entropy.view(b, s)
 
     def forward_only(self, batches: list[Batch], loss_fn: LossFn, ref: bool = False) -> list[dict]:
         return run_schedule(self.ref_model if ref else self.model, batches, loss_fn, forward_only=True)

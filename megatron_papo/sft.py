@@ -18,6 +18,7 @@ from megatron_papo.loop import StepOutcome, TrainingLoop
 from megatron_papo.models import save_hf_directory
 from megatron_papo.parallel.device import current_device
 from megatron_papo.policy import Policy
+from megatron_papo.training.passes import token_log_probs
 from megatron_papo.training.sequences import (
     StepSequences,
     build_sequences,
@@ -71,7 +72,7 @@ class SFTTrainer(TrainingLoop):
         scale = len(batches) * self.dp_size / float(tokens)  # exact token mean over the global batch
 
         def loss_fn(batch, logits):
-            lp, _ = self.policy.log_probs(logits, batch["labels"], temperature=1.0)  # plain NLL
+            lp, _ = token_log_probs(logits, batch["labels"], temperature=1.0)  # plain NLL
             nll = -(lp * batch["loss_mask"]).sum()
             return nll * scale, {"actor/loss": nll.detach() / batch["loss_mask"].sum().clamp(min=1)}
 

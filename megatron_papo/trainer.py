@@ -28,7 +28,6 @@ truncated importance-sampling correction of the policy-gradient term.
 from __future__ import annotations
 
 import hashlib
-import math
 import time
 from dataclasses import dataclass
 
@@ -47,24 +46,20 @@ from megatron_papo.papo.advantages import (
 from megatron_papo.papo.kl_controller import KLController
 from megatron_papo.papo.loss import reference_kl
 from megatron_papo.parallel.device import current_device
-from megatron_papo.policy import Policy, UpdateResult
+from megatron_papo.policy import Policy
 from megatron_papo.rewards.registry import RewardOutput
 from megatron_papo.rollout.correction import logprob_mismatch, truncated_importance_weights
 from megatron_papo.rollout.distributed import generate_in_model_parallel_group
 from megatron_papo.rollout.engine import RolloutRequest
 from megatron_papo.training.dynamic_sampling import fill_rollout_batch
 from megatron_papo.training.hacking import HackingDetector
-from megatron_papo.training.schedule import tolerate_non_finite
+from megatron_papo.training.passes import token_data_pass, update_pass
 from megatron_papo.training.sequences import (
     StepSequences,
     build_sequences,
-    micro_batch,
-    micro_batch_indices,
     padded_length,
     response_token_values,
-    update_micro_batch,
 )
-from megatron_papo.training.update_loss import UpdateLoss, global_token_counts
 
 
 @dataclass
@@ -257,39 +252,18 @@ class Trainer(TrainingLoop):
 
     # ---------------------------------------------------------------- passes over the policy
 
-    def _token_log_probs(self, seqs: StepSequences, masked: bool, ref: bool = False) -> torch.Tensor:
-        """Per-token log-probs [N, L] of ``seqs`` under the policy or the reference model (last pipeline
-        stage; empty elsewhere); ``masked``: with the masked images."""
-        mbs = self.cfg.trainer.micro_batch_size
-        batches = [
-            micro_batch(seqs, idx, masked=masked) for idx in micro_batch_indices(torch.arange(len(seqs)), mbs)
-        ]
-
-        def loss_fn(batch, logits):
-            lp, _ = self.policy.log_probs(logits, batch["labels"], self.cfg.rollout.temperature)
-            return torch.zeros(()), {"log_probs": lp.detach()}
-
-        def diverged(batch):  # NaN log-probs make the update's loss NaN: the step is skipped
-            return {"log_probs": torch.full(batch["labels"].shape, math.nan)}
-
-        outputs = self.policy.forward_only(batches, tolerate_non_finite(loss_fn, diverged), ref=ref)
-        if not outputs:
-            return torch.empty(0)
-        return torch.cat([o["log_probs"] for o in outputs]).cpu()  # step data stays on the host
-
     def _compute_token_data(self, seqs: StepSequences) -> float:
         """Fill old / masked / reference log-probs; returns the seconds spent."""
         start = time.monotonic()
-        algo = self.cfg.algorithm
-        data = seqs.token_data
-        old = self._token_log_probs(seqs, masked=False)
-        masked = ref = None
-        if algo.uses_masked_images and not algo.masked_grad:
-            masked = self._token_log_probs(seqs, masked=True)
-        if algo.uses_ref_kl:
-            ref = self._token_log_probs(seqs, masked=False, ref=True)
-        if ps.is_pipeline_last_stage():  # only the loss stage holds (and needs) per-token data
-            data.old_log_probs, data.masked_log_probs, data.ref_log_probs = old, masked, ref
+        cfg = self.cfg
+        token_data_pass(
+            self.policy.model,
+            self.policy.ref_model,
+            cfg.algorithm,
+            seqs,
+            cfg.trainer.micro_batch_size,
+            cfg.rollout.temperature,
+        )
         return time.monotonic() - start
 
     def _reference_kl_reward(self, seqs: StepSequences, scores: torch.Tensor) -> dict[str, float]:
@@ -324,37 +298,22 @@ class Trainer(TrainingLoop):
 
     def _update(self, seqs: StepSequences) -> StepOutcome:
         """``ppo_epochs`` passes of mini-batch optimizer steps over ``seqs``: metrics averaged over them,
-        skipped when any of them was.
-
-        Every mini-batch is whole: the rollout batch always is (``_sample_groups``) and divides into
-        update batches (``TrainerConfig``). The annealing factor of the first step is ``gamma_start``.
-        """
-        cfg, algo = self.cfg, self.cfg.algorithm
-        mbs = cfg.trainer.micro_batch_size
-        per_update = self.update_prompts_per_rank * cfg.rollout.n
-        if len(seqs) % per_update:
-            raise RuntimeError(f"{len(seqs)} sequences do not split into mini-batches of {per_update}")
-        progress = (self.step - 1) / cfg.trainer.steps
-        dp_group = ps.get_data_parallel_group()
-        results: list[UpdateResult] = []
-        generator = torch.Generator().manual_seed(
-            prompt_seed(cfg.trainer.seed, self.step, f"dp{self.dp_rank}")
+        skipped when any of them was. Every mini-batch is whole: the rollout batch always is
+        (``_sample_groups``) and divides into update batches (``TrainerConfig``). The annealing factor of
+        the first step is ``gamma_start``."""
+        cfg = self.cfg
+        seed = prompt_seed(cfg.trainer.seed, self.step, f"dp{self.dp_rank}")
+        results = update_pass(
+            self.policy.train_step,
+            cfg.algorithm,
+            seqs,
+            sequences_per_update=self.update_prompts_per_rank * cfg.rollout.n,
+            micro_batch_size=cfg.trainer.micro_batch_size,
+            ppo_epochs=cfg.trainer.ppo_epochs,
+            temperature=cfg.rollout.temperature,
+            progress=(self.step - 1) / cfg.trainer.steps,
+            generator=torch.Generator().manual_seed(seed),
         )
-        for _ in range(cfg.trainer.ppo_epochs):
-            order = torch.randperm(len(seqs), generator=generator)
-            for chunk in order.split(per_update):
-                batches = [
-                    update_micro_batch(seqs, idx, algo.masked_in_update)
-                    for idx in micro_batch_indices(chunk, mbs)
-                ]
-                counts = None
-                if algo.global_token_mean:
-                    sft = seqs.sft_weights[chunk] if seqs.sft_weights is not None else None
-                    counts = global_token_counts(algo, seqs.loss_mask[chunk], sft, dp_group)
-                loss_fn = UpdateLoss(
-                    algo, cfg.rollout.temperature, progress, len(batches), self.dp_size, counts
-                )
-                results.append(self.policy.train_step(batches, loss_fn))
         keys = {k for r in results for k in r.metrics}
         metrics = {k: _mean([r.metrics[k] for r in results if k in r.metrics]) for k in keys}
         return StepOutcome(metrics, skipped=any(r.skipped for r in results))

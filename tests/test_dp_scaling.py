@@ -94,22 +94,6 @@ def _global_batch(cfg) -> dict:
     )
 
 
-def _token_log_probs(policy, seqs, masked: bool, temperature: float) -> torch.Tensor:
-    """Per-token log-probs [N, L] through the forward-only schedule (``Trainer._token_log_probs``)."""
-    from megatron_papo.training.sequences import micro_batch, micro_batch_indices
-
-    batches = [
-        micro_batch(seqs, idx, masked=masked)
-        for idx in micro_batch_indices(torch.arange(len(seqs)), MICRO_BATCH)
-    ]
-
-    def loss_fn(batch, logits):
-        lp, _ = policy.log_probs(logits, batch["labels"], temperature)
-        return torch.zeros(()), {"log_probs": lp.detach()}
-
-    return torch.cat([o["log_probs"] for o in policy.forward_only(batches, loss_fn)]).cpu()
-
-
 def _update_worker(cfg, data: dict) -> dict:
     """This DP rank's half of the global batch through one update per setting, from the same weights.
 
@@ -123,6 +107,7 @@ def _update_worker(cfg, data: dict) -> dict:
 
     from megatron_papo.loop import average_over_ranks
     from megatron_papo.policy import Policy
+    from megatron_papo.training.passes import log_prob_pass
     from megatron_papo.training.sequences import (
         TokenData,
         build_sequences,
@@ -150,10 +135,10 @@ def _update_worker(cfg, data: dict) -> dict:
         length=padded_length(local["prompts"], local["responses"]),
         position_fn=policy.position_ids,
     )
-    current = _token_log_probs(policy, seqs, masked=False, temperature=temperature)
+    current = log_prob_pass(policy.model, seqs, MICRO_BATCH, temperature, masked=False)
     noise = response_token_values(local["prompts"], local["noise"], seqs.length)
     old_log_probs = current + noise
-    masked_log_probs = _token_log_probs(policy, seqs, masked=True, temperature=temperature)
+    masked_log_probs = log_prob_pass(policy.model, seqs, MICRO_BATCH, temperature, masked=True)
 
     named = [(name, p) for name, p in policy.model[0].named_parameters() if p.requires_grad]
     initial = {name: p.detach().clone() for name, p in named}

@@ -193,6 +193,7 @@ def _policy_gradients(hf_dir: str, data: dict, old_log_probs: list[torch.Tensor]
     from megatron_papo.models import ModelConfig, export_hf_state_dict
     from megatron_papo.papo.config import AlgorithmConfig
     from megatron_papo.policy import Policy
+    from megatron_papo.training.passes import token_log_probs
     from megatron_papo.training.schedule import run_schedule
     from megatron_papo.training.sequences import (
         TokenData,
@@ -224,7 +225,7 @@ def _policy_gradients(hf_dir: str, data: dict, old_log_probs: list[torch.Tensor]
     mine = [torch.tensor(m) for m in MICRO_BATCHES][dp_rank::dp]  # DP=2: one micro-batch per rank
 
     def log_probs_fn(batch, logits):  # the trainer's forward-only log-prob pass
-        lp, _ = policy.log_probs(logits, batch["labels"], TEMPERATURE)
+        lp, _ = token_log_probs(logits, batch["labels"], TEMPERATURE)
         return torch.zeros(()), {"log_probs": lp.detach()}
 
     masked_lp = run_schedule(

@@ -26,6 +26,7 @@ def _steps(model: str, run_dir: str) -> list[dict]:
 
     from megatron_papo.config import load_train_config
     from megatron_papo.policy import Policy
+    from megatron_papo.training.passes import token_log_probs
     from megatron_papo.training.sequences import build_sequences, micro_batch
 
     cfg = load_train_config(CONFIG, [f"model.hf_path={model}", f"trainer.output_dir={run_dir}"])
@@ -47,7 +48,7 @@ def _steps(model: str, run_dir: str) -> list[dict]:
     batch = micro_batch(seqs, torch.arange(2))
 
     def loss_fn(batch, logits):  # a finite NLL: only the injected gradient is NaN
-        lp, _ = policy.log_probs(logits, batch["labels"], 1.0)
+        lp, _ = token_log_probs(logits, batch["labels"], 1.0)
         loss = -(lp * batch["loss_mask"]).sum() / batch["loss_mask"].sum()
         return loss, {"actor/loss": loss.detach()}
 
