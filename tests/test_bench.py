@@ -26,7 +26,7 @@ COLUMNS = (
 
 
 def test_step_bench_tiny_prints_positive_figures():
-    env = os.environ | {"MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1"}
+    env = os.environ | {"MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
     cmd = [sys.executable, "bench/step.py", "--size", "tiny", "--warmup", "0", "--iters", "1"]
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stdout + done.stderr[-4000:]
