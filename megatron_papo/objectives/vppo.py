@@ -158,14 +158,14 @@ def shaped_policy_gradient(
     )
     if not isinstance(prepared, VppoPrepared) or prepared.keep.shape != x.mask.shape:
         raise ValueError(f"objective {cfg.objective} needs its prepare() rows of this micro-batch")
-    keep = prepared.keep.to(x.mask.dtype) * x.mask
-    alpha = prepared.alpha.to(x.lp.dtype)
+    keep = prepared.keep.to(x.mask) * x.mask  # prepared may still be on the CPU
+    alpha = prepared.alpha.to(x.lp)
     pg, metrics = policy_gradient(cfg, x, inputs.advantages.to(x.lp.dtype) * alpha, inputs.rollout_is_weights)
     pg = pg * keep
     agg = Aggregation.of(cfg, x.mask, ctx.counts)
     metrics |= x.metrics() | {
         "actor/pg_loss": local_mean(pg, x.mask),
-        "vppo/dependency": local_mean(prepared.dependency.to(x.mask.dtype), x.mask),
+        "vppo/dependency": local_mean(prepared.dependency.to(x.mask), x.mask),
         "vppo/alpha_min": alpha.min().detach(),
         "vppo/alpha_max": alpha.max().detach(),
         "vppo/kept_fraction": local_mean(keep, x.mask),
