@@ -1,4 +1,5 @@
 """One training micro-step of a megatron-core GPTModel with the PAPO loss: TP=2 x PP=2 equals TP=1 x PP=1.
+(``tests/test_objectives.py`` runs the same step with the other objectives.)
 
 Weights reach the TP=2 x PP=2 layout by megatron-core's own resharding (``dist_checkpointing`` save at
 TP=1, load at TP=2 x PP=2), and the TP=2 x PP=2 gradients come back to the TP=1 layout the same way.
@@ -14,6 +15,7 @@ import torch
 from multiprocess import run_distributed
 from tiny_gpt import tiny_gpt
 
+from megatron_papo.objectives.registry import StepTokens, build_objective
 from megatron_papo.papo.config import AlgorithmConfig
 from megatron_papo.training.update_loss import UpdateLoss, global_token_counts
 
@@ -49,6 +51,7 @@ def _batch() -> dict[str, torch.Tensor]:
         advantages=torch.randn(n, generator=g),
         old_log_probs=-4.0 + 0.3 * torch.randn(n, SEQ, generator=g),  # ratios on both sides of the clip
         ref_log_probs=-4.0 + 0.3 * torch.randn(n, SEQ, generator=g),
+        masked_log_probs=-4.0 + 0.5 * torch.randn(n, SEQ, generator=g),  # the step's no-grad masked pass
     )
 
 
@@ -57,19 +60,18 @@ def _model():
 
 
 def _loss_fn(cfg, batch, counts, num_microbatches, output):
-    """The trainer's loss (``UpdateLoss``): original and masked halves of the doubled micro-batch,
-    vocab-parallel logits. No DDP here (every rank runs the whole batch): dp_size 1."""
+    """The trainer's loss (``UpdateLoss``): vocab-parallel logits (original then masked halves when the
+    objective doubles micro-batches). No DDP here (every rank runs the whole batch): dp_size 1."""
     loss_fn = UpdateLoss(cfg, TEMPERATURE, PROGRESS, num_microbatches, 1, counts)
     loss, metrics = loss_fn(batch, output)
-    return loss, {
-        "loss": metrics["actor/loss"] / (num_microbatches if counts else 1),
-        "kl_prc": metrics["papo/kl_prc"],
-    }
+    return loss, metrics | {"loss": metrics["actor/loss"] / (num_microbatches if counts else 1)}
 
 
 def _forward_step(cfg, counts, num_microbatches, data_iterator, model):
     batch = next(data_iterator)
-    inputs = torch.cat([batch["tokens"], batch["masked_tokens"]])
+    inputs = batch["tokens"]
+    if build_objective(cfg).masked_logits_in_update:
+        inputs = torch.cat([inputs, batch["masked_tokens"]])
     output = model(inputs, torch.arange(SEQ).expand_as(inputs), None)
     return output, partial(_loss_fn, cfg, batch, counts, num_microbatches)
 
@@ -80,9 +82,16 @@ def _step(model, cfg: AlgorithmConfig, micro_batch_size: int) -> list[dict]:
 
     batch = _batch()
     n = len(RESPONSE_LENGTHS)
-    micro = [
-        {k: v[i : i + micro_batch_size] for k, v in batch.items()} for i in range(0, n, micro_batch_size)
-    ]
+    rows = torch.arange(n).split(micro_batch_size)
+    micro = [{k: v[r] for k, v in batch.items()} for r in rows]
+    objective = build_objective(cfg)
+    tokens = StepTokens(
+        batch["loss_mask"], batch["advantages"], batch["old_log_probs"], batch["masked_log_probs"]
+    )
+    prepared = objective.prepare(tokens, micro_batch_size, None)  # every rank runs the whole batch
+    if prepared is not None:
+        for m, r in zip(micro, rows, strict=True):
+            m["prepared"] = prepared.select(r)
     counts = global_token_counts(cfg, batch["loss_mask"], None, None) if cfg.global_token_mean else None
     model.zero_grad(set_to_none=True)
     return get_forward_backward_func()(
@@ -91,7 +100,7 @@ def _step(model, cfg: AlgorithmConfig, micro_batch_size: int) -> list[dict]:
         model=[model],
         num_microbatches=len(micro),
         seq_length=SEQ,
-        micro_batch_size=2 * micro_batch_size,  # original + masked
+        micro_batch_size=(2 if objective.masked_logits_in_update else 1) * micro_batch_size,
         forward_only=False,
     )
 
@@ -119,7 +128,8 @@ def _relayout(tp: int, pp: int) -> None:
     set_seed(1234)
 
 
-def _run(root: str):
+def _run(root: str, cfg: AlgorithmConfig = CFG):
+    """From TP=1 x PP=1: the reference steps, then TP=2 x PP=2, then back to TP=1 x PP=1."""
     import torch.distributed as dist
     from megatron.core import dist_checkpointing
     from megatron.core import parallel_state as ps
@@ -132,11 +142,11 @@ def _run(root: str):
 
     # TP=1 x PP=1 (x DP=4, every rank the same): the reference, and the global token-mean check
     model = _model()
-    one_batch = _step(model, CFG, len(RESPONSE_LENGTHS))
+    one_batch = _step(model, cfg, len(RESPONSE_LENGTHS))
     one_batch_grads = {k: p.grad.clone() for k, p in model.named_parameters()}
-    reference_mean = _step(model, dataclasses.replace(CFG, global_token_mean=False), 2)
+    reference_mean = _step(model, dataclasses.replace(cfg, global_token_mean=False), 2)
     reference_mean_grads = {k: p.grad.clone() for k, p in model.named_parameters()}
-    single = _step(model, CFG, 2)
+    single = _step(model, cfg, 2)
     single_grads = {k: p.grad.clone() for k, p in model.named_parameters()}
     dist_checkpointing.save(model.sharded_state_dict(), weights_dir)
 
@@ -144,7 +154,7 @@ def _run(root: str):
     _relayout(2, 2)
     model = _model()
     model.load_state_dict(dist_checkpointing.load(model.sharded_state_dict(), weights_dir))
-    parallel = _step(model, CFG, 2)
+    parallel = _step(model, cfg, 2)
     last_stage = ps.is_pipeline_last_stage()
     dist_checkpointing.save(_params_sharded(model, use_grads=True), grads_dir)
 
@@ -168,8 +178,8 @@ def _total(outputs: list[dict]) -> float:
     return sum(float(o["loss"]) for o in outputs)
 
 
-def test_tp2_pp2_microstep_equals_tp1_and_global_token_mean_is_exact(tmp_path):
-    per_rank = run_distributed(_run, 4, str(tmp_path), tp=1, pp=1)
+def check_microstep(per_rank: list[dict]) -> None:
+    """``_run``'s results: the global token-mean is exact, and TP=2 x PP=2 equals TP=1 x PP=1."""
     ref = per_rank[0]
     names = sorted(ref["single_grads"])
     assert names and all(float(ref["single_grads"][k].abs().sum()) > 0 for k in names)
@@ -184,16 +194,21 @@ def test_tp2_pp2_microstep_equals_tp1_and_global_token_mean_is_exact(tmp_path):
         > 1e-4
     )
 
-    # TP=2 x PP=2 (ranks 2, 3 are the last stage) == TP=1 x PP=1, loss and every gradient
+    # TP=2 x PP=2 (ranks 2, 3 are the last stage) == TP=1 x PP=1, loss, metrics and every gradient
     for rank in (2, 3):
         parallel = per_rank[rank]["parallel"]
         assert len(parallel) == 2
         for ours, theirs in zip(parallel, ref["single"], strict=True):
-            torch.testing.assert_close(ours["loss"], theirs["loss"], rtol=1e-5, atol=1e-6)
-            torch.testing.assert_close(ours["kl_prc"], theirs["kl_prc"], rtol=1e-5, atol=1e-6)
+            assert ours.keys() == theirs.keys()
+            for key in theirs:
+                torch.testing.assert_close(ours[key], theirs[key], rtol=1e-5, atol=1e-6, msg=key)
     for result in per_rank:
         assert sorted(result["parallel_grads"]) == names
         for k in names:
             torch.testing.assert_close(
                 result["parallel_grads"][k], ref["single_grads"][k], rtol=1e-4, atol=1e-6, msg=k
             )
+
+
+def test_tp2_pp2_microstep_equals_tp1_and_global_token_mean_is_exact(tmp_path):
+    check_microstep(run_distributed(_run, 4, str(tmp_path), tp=1, pp=1))

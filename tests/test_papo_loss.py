@@ -6,8 +6,9 @@ import pytest
 import torch
 from multiprocess import run_distributed
 
+from megatron_papo.objectives.pieces import TokenCounts
 from megatron_papo.papo.config import AlgorithmConfig
-from megatron_papo.papo.loss import TokenCounts, papo_loss
+from megatron_papo.papo.loss import papo_loss
 from megatron_papo.rollout.correction import logprob_mismatch, truncated_importance_weights
 
 B, S, V = 3, 7, 32
@@ -299,8 +300,8 @@ def test_each_papo_term_alone_changes_the_gradient_by_its_float64_amount(term):
 def test_bf16_logits_count_and_sum_in_float32():
     """bf16 logits: 5,009 response tokens, each with pg = -1.28 (ratio 1, advantage 1.28), give exactly
     -1.28 (float64: -1.28), and the top-p count keeps exactly ceil(p * tokens)."""
+    from megatron_papo.objectives.pieces import local_token_counts, top_p_by_count
     from megatron_papo.ops.vocab_parallel import log_probs_and_entropy
-    from megatron_papo.papo.loss import local_token_counts, top_p_by_count
 
     g = torch.Generator().manual_seed(0)
     tokens, vocab = 5200, 16
@@ -328,7 +329,7 @@ def test_bf16_logits_count_and_sum_in_float32():
 def test_reference_top_p_differs_from_the_count_variant_by_its_denominator():
     """The reference divides the kept tokens' KL sum by all response tokens: on a sample whose KL is
     all equal (ties kept), quantile keeps every token and the count variant only ceil(p * n)."""
-    from megatron_papo.papo.loss import top_p_by_count, top_p_by_quantile
+    from megatron_papo.objectives.pieces import top_p_by_count, top_p_by_quantile
 
     mask = torch.tensor([[0.0, 1, 1, 1, 1, 1, 0]])
     kl = torch.tensor([[9.0, 0.5, 0.5, 0.5, 0.5, 0.5, 9.0]])

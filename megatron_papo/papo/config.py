@@ -1,5 +1,9 @@
 """The ``algorithm`` section: GRPO, DAPO, PAPO-G, PAPO-D and every coefficient of the PAPO spec.
 
+``objective`` names the registered loss (``megatron_papo.objectives``; ``papo`` by default, whose terms
+the presets set); ``vppo_*`` are VPPO's coefficients (``docs/objectives.md``). Loading the config builds
+the objective, so an unknown name or coefficients it refuses fail here.
+
 ``name`` picks a preset; any field left at ``None`` takes the preset's value, any field set explicitly
 wins. Presets (``../shared/papo-spec.md``):
 
@@ -54,6 +58,9 @@ PRESETS: dict[str, dict[str, object]] = {
 @dataclass
 class AlgorithmConfig:
     name: AlgorithmName = "papo_g"
+    # the registered objective (``megatron_papo.objectives``): papo (GRPO / DAPO / PAPO by coefficients),
+    # vppo, papo_vppo; see docs/objectives.md
+    objective: str = "papo"
     # clipped surrogate
     eps_low: float | None = None
     eps_high: float | None = None
@@ -89,6 +96,13 @@ class AlgorithmConfig:
     use_sft_loss: bool = False
     sft_loss_coef: float = 1e-3
     sft_min_accuracy: float = 0.1  # a rollout is "correct" when its accuracy is above this (reference)
+    # VPPO (objectives vppo, papo_vppo; docs/objectives.md): the official recipe's values
+    vppo_top_k: float = 0.4  # TGF: fraction of each response's tokens (by dependency) with gradient; 1: off
+    vppo_beta_min: float = 0.9  # TAS: the trajectory factor's lower bound; 1: no shaping
+    vppo_beta_max: float | None = None  # None: dynamic, beta_min + (1 - beta_min) / mean(normalised S)
+    vppo_tas_scope: Literal["batch", "rank_micro_batch"] = "batch"  # rank_micro_batch: the official code
+    vppo_dependency_clamp: float = 10.0  # S_t clamped to [0, c] (the official code)
+    vppo_entropy_coef: float = 0.06  # vppo only: loss += coef * H[pi] (sample estimator: -lp)
     # aggregation
     loss_agg_mode: LossAggMode = "token-mean"
     global_token_mean: bool = False
@@ -152,6 +166,17 @@ class AlgorithmConfig:
                 "algorithm.entropy_estimator 'exact' with eta2 > 0 needs masked logits: set "
                 "algorithm.masked_grad=true"
             )
+
+        if not 0 < self.vppo_top_k <= 1 or not 0 < self.vppo_beta_min <= 1:
+            raise ValueError(
+                f"algorithm: need vppo_top_k and vppo_beta_min in (0, 1], got {self.vppo_top_k}, "
+                f"{self.vppo_beta_min}"
+            )
+        if self.vppo_beta_max is not None and self.vppo_beta_max < self.vppo_beta_min:
+            raise ValueError("algorithm.vppo_beta_max must be >= vppo_beta_min (or null: dynamic)")
+        from megatron_papo.objectives.registry import build_objective
+
+        build_objective(self)  # an unknown objective, or one that refuses these coefficients, fails here
 
     @property
     def uses_masked_images(self) -> bool:

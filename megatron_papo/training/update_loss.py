@@ -1,4 +1,5 @@
-"""The loss the update schedule runs on each micro-batch: the PAPO objective plus the schedule's scaling.
+"""The loss the update schedule runs on each micro-batch: the configured objective (``algorithm.objective``,
+``megatron_papo.objectives``) plus the schedule's scaling.
 
 megatron-core divides each micro-batch's loss by the number of micro-batches, and DDP averages gradients
 over the data-parallel (DP) ranks. With ``global_token_mean`` each micro-batch's loss is a token SUM over
@@ -16,8 +17,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from megatron_papo.objectives.pieces import TokenCounts, local_token_counts
+from megatron_papo.objectives.registry import LossContext, LossInputs, build_objective
 from megatron_papo.papo.config import AlgorithmConfig
-from megatron_papo.papo.loss import TokenCounts, local_token_counts, papo_loss
 from megatron_papo.parallel.device import current_device
 
 
@@ -41,8 +43,10 @@ class UpdateLoss:
 
     ``counts``: the mini-batch's ``TokenCounts`` when ``algo.global_token_mean`` (else None).
     ``batch`` holds labels, loss_mask, advantages, old_log_probs and optional masked_log_probs,
-    ref_log_probs, rollout_is_weights, sft_weights (``training.sequences.micro_batch``). With
-    ``algo.masked_in_update`` the logits [2b, s, vocab/tp] are the original then the masked images.
+    ref_log_probs, rollout_is_weights, sft_weights (``training.sequences.micro_batch``) and ``prepared``
+    (this micro-batch's rows of the objective's ``prepare``, for objectives that have one). When the
+    objective's ``masked_logits_in_update`` the logits [2b, s, vocab/tp] are the original then the masked
+    images.
     """
 
     algo: AlgorithmConfig
@@ -55,13 +59,13 @@ class UpdateLoss:
     def __post_init__(self) -> None:
         if self.algo.global_token_mean != (self.counts is not None):
             raise ValueError("UpdateLoss: pass counts exactly when algorithm.global_token_mean is on")
+        self.objective = build_objective(self.algo)
 
     def __call__(self, batch: dict[str, Any], logits: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
         masked_logits = None
-        if self.algo.masked_in_update:
+        if self.objective.masked_logits_in_update:
             logits, masked_logits = logits.chunk(2, dim=0)
-        loss, metrics = papo_loss(
-            self.algo,
+        inputs = LossInputs(
             logits,
             batch["labels"],
             batch["loss_mask"],
@@ -71,11 +75,10 @@ class UpdateLoss:
             masked_log_probs=batch.get("masked_log_probs"),
             ref_log_probs=batch.get("ref_log_probs"),
             sft_weights=batch.get("sft_weights"),
-            temperature=self.temperature,
-            progress=self.progress,
-            global_counts=self.counts,
             rollout_is_weights=batch.get("rollout_is_weights"),
         )
+        ctx = LossContext(self.temperature, self.progress, self.counts)
+        loss, metrics = self.objective.loss(inputs, ctx, batch.get("prepared"))
         if self.counts is not None:  # undo the schedule's and DDP's averaging
             loss = loss * (self.num_microbatches * self.dp_size)
             metrics["actor/loss"] = loss.detach()
