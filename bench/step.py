@@ -40,6 +40,7 @@ from megatron.core import parallel_state as ps
 
 from megatron_papo.config import TrainConfig, TrainerConfig
 from megatron_papo.models import ModelConfig, build_model, mrope_position_ids
+from megatron_papo.objectives.registry import build_objective
 from megatron_papo.papo.config import AlgorithmConfig
 from megatron_papo.parallel import ParallelConfig, destroy_distributed, initialize_distributed
 from megatron_papo.parallel.device import current_device
@@ -109,8 +110,9 @@ def timed_step(cfg: TrainConfig, policy: RandomPolicy, seqs: StepSequences) -> t
     trainer = cfg.trainer
     dist.barrier()
     start = _synchronized_time()
+    objective = build_objective(cfg.algorithm)
     token_data_pass(
-        policy.model, policy.ref_model, cfg.algorithm, seqs, trainer.micro_batch_size, cfg.rollout.temperature
+        policy.model, policy.ref_model, objective, seqs, trainer.micro_batch_size, cfg.rollout.temperature
     )
     middle = _synchronized_time()
     update_pass(
@@ -212,8 +214,9 @@ def forward_flops(arch: ModelArch, sequences: int, length: int, grid: torch.Tens
 def forward_passes(algo: AlgorithmConfig) -> tuple[int, int]:
     """Forward-pass equivalents of a step's log-prob passes and of its update (forward + backward: 3;
     ``masked_grad`` doubles the update's micro-batches), as ``Trainer`` runs them."""
-    log_prob = 1 + int(algo.uses_masked_images and not algo.masked_grad) + int(algo.uses_ref_kl)
-    return log_prob, 3 * (2 if algo.masked_grad else 1)
+    objective = build_objective(algo)
+    log_prob = 1 + int(objective.masked_log_probs_needed) + int(objective.ref_log_probs_needed)
+    return log_prob, 3 * (2 if objective.masked_logits_in_update else 1)
 
 
 def _reset_peak_memory() -> None:

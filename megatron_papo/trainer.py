@@ -37,6 +37,7 @@ from megatron.core import parallel_state as ps
 
 from megatron_papo.data.encode import EncodedPrompt
 from megatron_papo.loop import StepOutcome, TrainingLoop
+from megatron_papo.objectives.registry import build_objective
 from megatron_papo.papo.advantages import (
     dynamic_sampling_keep,
     grpo_advantages,
@@ -101,7 +102,8 @@ class Trainer(TrainingLoop):
             * cfg.trainer.ppo_epochs
             * (cfg.trainer.rollout_batch_size // cfg.trainer.update_batch_size)
         )
-        self.policy = Policy(cfg, updates, with_ref=cfg.algorithm.uses_ref_kl, with_engine=True)
+        self.objective = build_objective(cfg.algorithm)
+        self.policy = Policy(cfg, updates, with_ref=self.objective.ref_log_probs_needed, with_engine=True)
         self.detector = HackingDetector(cfg.logging.hacking_detector)
         self.kl_controller = (
             KLController.from_config(cfg.algorithm) if cfg.algorithm.ref_kl_in_reward else None
@@ -181,7 +183,7 @@ class Trainer(TrainingLoop):
         filled = fill_rollout_batch(
             sample_round, self.prompts_per_rank, algo.max_tries, ps.get_data_parallel_group()
         )
-        if algo.uses_masked_images:
+        if self.objective.masked_images_needed:
             for g in filled.groups:
                 g.masked_pixel_values = self.prompts.mask_images(g.prompt, self.step)
         stats = {
@@ -259,7 +261,7 @@ class Trainer(TrainingLoop):
         token_data_pass(
             self.policy.model,
             self.policy.ref_model,
-            cfg.algorithm,
+            self.objective,
             seqs,
             cfg.trainer.micro_batch_size,
             cfg.rollout.temperature,

@@ -1,6 +1,7 @@
 """The main job end to end through the real CLI under torchrun: layouts, resume, GRPO equivalence, errors."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -241,3 +242,23 @@ def test_reference_extras_kl_in_reward_sft_loss_and_annealing(tmp_path, tiny_mod
     assert first["papo/gamma"] == pytest.approx(0.02 * 0.5) and second["papo/gamma"] == pytest.approx(
         0.02 * 0.25
     )
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ("algorithm.name=dapo", "algorithm.objective=vppo", "algorithm.global_token_mean=true"),
+        ("algorithm.name=papo_g", "algorithm.objective=papo_vppo", "algorithm.masked_grad=true"),
+    ],
+)
+def test_registered_objectives_run_in_the_main_job(tmp_path, tiny_model, overrides):
+    """``algorithm.objective=NAME`` trains end to end and logs the objective's own metrics."""
+    rows, _ = train(
+        tmp_path, "objective", tiny_model, 1, _coin_accuracy(tmp_path), *overrides, "trainer.steps=1"
+    )
+    (row,) = rows
+    assert 0 < row["vppo/kept_fraction"] < 1 and row["vppo/dependency"] >= 0
+    assert row["vppo/alpha_min"] <= 1 <= row["vppo/alpha_max"]
+    assert row["actor/grad_norm"] > 0 and math.isfinite(row["actor/loss"])
+    if "algorithm.objective=papo_vppo" in overrides:
+        assert row["papo/kl_prc"] > 0 and row["papo/masked_entropy"] > 0

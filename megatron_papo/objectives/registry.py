@@ -118,6 +118,11 @@ class Objective:
     def ref_log_probs_needed(self) -> bool:
         return self.cfg.uses_ref_kl
 
+    @property
+    def masked_images_needed(self) -> bool:
+        """The step builds masked images (for a no-grad pass, the update, or both)."""
+        return self.masked_log_probs_needed or self.masked_logits_in_update
+
     def prepare(
         self, tokens: StepTokens, micro_batch_size: int, group: dist.ProcessGroup | None
     ) -> Prepared | None:

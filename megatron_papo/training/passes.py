@@ -3,7 +3,8 @@
 - ``log_prob_pass``: per-token log-probs of a step's sequences (original or masked images) through
   megatron-core's forward-only schedule, under the policy or the reference model;
 - ``token_data_pass``: the step's ``TokenData`` the objective needs (old, masked, reference log-probs);
-- ``update_pass``: ``ppo_epochs`` passes of shuffled mini-batch optimizer steps with ``UpdateLoss``.
+- ``update_pass``: ``ppo_epochs`` passes of shuffled mini-batch optimizer steps with ``UpdateLoss``, the
+  objective's ``prepare`` run once per mini-batch (last pipeline stage) and sliced per micro-batch.
 
 Per-token values live on the last pipeline stage only (empty elsewhere), on the host.
 """
@@ -18,6 +19,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
+from megatron_papo.objectives.registry import Objective, StepTokens, build_objective
 from megatron_papo.ops.vocab_parallel import log_probs_and_entropy
 from megatron_papo.papo.config import AlgorithmConfig
 from megatron_papo.training.schedule import Batch, LossFn, run_schedule, tolerate_non_finite
@@ -77,19 +79,19 @@ def log_prob_pass(
 def token_data_pass(
     model: list[torch.nn.Module],
     ref_model: list[torch.nn.Module],
-    algo: AlgorithmConfig,
+    objective: Objective,
     seqs: StepSequences,
     micro_batch_size: int,
     temperature: float,
 ) -> None:
-    """Fill ``seqs.token_data`` (last pipeline stage) with what ``algo`` needs: old log-probs, masked-image
-    log-probs (the reference default, without ``masked_grad``) and the reference model's."""
+    """Fill ``seqs.token_data`` (last pipeline stage) with what ``objective`` needs: old log-probs,
+    masked-image log-probs (PAPO's reference default, VPPO) and the reference model's."""
     data = seqs.token_data
     old = log_prob_pass(model, seqs, micro_batch_size, temperature, masked=False)
     masked = ref = None
-    if algo.uses_masked_images and not algo.masked_grad:
+    if objective.masked_log_probs_needed:
         masked = log_prob_pass(model, seqs, micro_batch_size, temperature, masked=True)
-    if algo.uses_ref_kl:
+    if objective.ref_log_probs_needed:
         ref = log_prob_pass(ref_model, seqs, micro_batch_size, temperature, masked=False)
     if ps.is_pipeline_last_stage():
         data.old_log_probs, data.masked_log_probs, data.ref_log_probs = old, masked, ref
@@ -113,14 +115,16 @@ def update_pass(
         raise ValueError(f"{len(seqs)} sequences do not split into mini-batches of {sequences_per_update}")
     dp_group = ps.get_data_parallel_group()
     dp_size = dist.get_world_size(dp_group)
+    objective = build_objective(algo)
     results = []
     for _ in range(ppo_epochs):
         order = torch.randperm(len(seqs), generator=generator)
         for chunk in order.split(sequences_per_update):
             batches = [
-                update_micro_batch(seqs, idx, algo.masked_in_update)
+                update_micro_batch(seqs, idx, objective.masked_logits_in_update)
                 for idx in micro_batch_indices(chunk, micro_batch_size)
             ]
+            _attach_prepared(objective, seqs, chunk, batches, micro_batch_size, dp_group)
             counts = None
             if algo.global_token_mean:
                 sft = seqs.sft_weights[chunk] if seqs.sft_weights is not None else None
@@ -128,3 +132,25 @@ def update_pass(
             loss_fn = UpdateLoss(algo, temperature, progress, len(batches), dp_size, counts)
             results.append(train_step(batches, loss_fn))
     return results
+
+
+def _attach_prepared(
+    objective: Objective,
+    seqs: StepSequences,
+    chunk: torch.Tensor,
+    batches: list[Batch],
+    micro_batch_size: int,
+    dp_group: dist.ProcessGroup,
+) -> None:
+    """The objective's ``prepare`` over one mini-batch's rows ``chunk`` [n] (last pipeline stage: a
+    collective over its DP group), each micro-batch given its rows as ``batch["prepared"]``."""
+    if not ps.is_pipeline_last_stage():
+        return
+    data = seqs.token_data
+    masked = data.masked_log_probs[chunk] if data.masked_log_probs is not None else None
+    tokens = StepTokens(seqs.loss_mask[chunk], seqs.advantages[chunk], data.old_log_probs[chunk], masked)
+    prepared = objective.prepare(tokens, micro_batch_size, dp_group)
+    if prepared is None:
+        return
+    for j, batch in enumerate(batches):
+        batch["prepared"] = prepared.select(torch.arange(j * micro_batch_size, (j + 1) * micro_batch_size))
