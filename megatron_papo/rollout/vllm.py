@@ -50,6 +50,7 @@ import torch.distributed as dist
 from PIL import Image
 from transformers import AutoConfig
 
+from megatron_papo.config_io import check_choices
 from megatron_papo.rollout.config import RolloutConfig
 from megatron_papo.rollout.engine import Rollout, RolloutRequest, rollout_stats
 from megatron_papo.rollout.vllm_broadcast import BroadcastSync
@@ -97,10 +98,7 @@ class VllmConfig:
         for url in self.urls:
             if not url.startswith(("http://", "https://")):
                 raise ValueError(f"vllm.urls: {url!r} is not an http(s) URL")
-        if self.weight_sync not in ("directory", "broadcast"):
-            raise ValueError(f"vllm weight_sync must be 'directory' or 'broadcast', got {self.weight_sync!r}")
-        if self.sync_backend not in (None, "gloo", "nccl"):
-            raise ValueError(f"vllm sync_backend must be 'gloo' or 'nccl', got {self.sync_backend!r}")
+        check_choices(self, "vllm")
         for name in ("request_timeout_s", "startup_timeout_s", "health_timeout_s", "sync_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"vllm.{name} must be > 0, got {getattr(self, name)}")
