@@ -52,7 +52,7 @@ from transformers import AutoConfig
 
 from megatron_papo.config_io import check_choices
 from megatron_papo.rollout.config import RolloutConfig
-from megatron_papo.rollout.engine import Rollout, RolloutRequest, rollout_stats
+from megatron_papo.rollout.engine import Rollout, RolloutRequest, rollout_stats, vision_token_ids
 from megatron_papo.rollout.vllm_broadcast import BroadcastSync
 from megatron_papo.rollout.vllm_http import ServerError, VllmServer, wait_until_healthy
 from megatron_papo.rollout.vllm_sync import checkpoint_tensors, write_weight_directory
@@ -159,9 +159,7 @@ class VllmEngine:
         text = hf.get_text_config()
         self.vocab_size = int(text.vocab_size)
         self.tied = bool(text.tie_word_embeddings)
-        vision_ids = (hf.image_token_id, hf.video_token_id, hf.vision_start_token_id, hf.vision_end_token_id)
-        # a response must not contain image placeholders: the trainer would put image features there
-        self.logit_bias = {str(t): -100.0 for t in vision_ids}
+        self.logit_bias = {str(t): -100.0 for t in vision_token_ids(hf)}
         self.servers = [VllmServer(url) for url in cfg.urls]
         self.model = cfg.model
         self.weights_version = 0
