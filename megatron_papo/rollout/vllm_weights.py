@@ -36,6 +36,11 @@ from megatron_papo.rollout.vllm_sync import checkpoint_tensors, write_weight_dir
 if TYPE_CHECKING:
     from megatron_papo.rollout.vllm import VllmConfig
 
+NamedTensors = Iterable[tuple[str, torch.Tensor]]
+Servers = list[VllmServer]
+Start = Callable[[], None]  # waits (bounded) for the servers
+Stats = dict[str, float]
+
 
 class ServerWeights:
     """The synced weights of one engine: ``number`` of syncs so far, ``path`` of the latest directory sync,
@@ -78,12 +83,7 @@ class ServerWeights:
         server.post_json("/collective_rpc", rpc, timeout)
         server.commit(self.version, timeout)
 
-    def sync(
-        self,
-        named_tensors: Iterable[tuple[str, torch.Tensor]],
-        servers: list[VllmServer],
-        start: Callable[[], None],
-    ) -> dict[str, float]:
+    def sync(self, named_tensors: NamedTensors, servers: Servers, start: Start) -> Stats:
         """Send the weights (global rank 0) to every up server of ``servers``, by directory or broadcast,
         ``start`` (waiting for the servers) called first; a collective when ``torch.distributed`` is
         initialised (every rank iterates ``named_tensors``, then a barrier). Returns rank 0's ``sync/*``
@@ -94,7 +94,7 @@ class ServerWeights:
             dist.broadcast_object_list(tag, src=0)
             self.run_tag = tag[0]
         self.number += 1
-        stats: dict[str, float] = {}
+        stats: Stats = {}
         if not rank0:
             for _ in named_tensors:  # take part in the export's gathers
                 pass
@@ -106,12 +106,7 @@ class ServerWeights:
             dist.barrier()
         return stats
 
-    def _directory_sync(
-        self,
-        named_tensors: Iterable[tuple[str, torch.Tensor]],
-        servers: list[VllmServer],
-        start: Callable[[], None],
-    ) -> dict[str, float]:
+    def _directory_sync(self, named_tensors: NamedTensors, servers: Servers, start: Start) -> Stats:
         previous = self.path
         self.path = os.path.join(os.path.abspath(self.cfg.sync_dir), f"v{self.number}")
         nbytes = write_weight_directory(
@@ -131,12 +126,7 @@ class ServerWeights:
             shutil.rmtree(previous, ignore_errors=True)
         return {"sync/bytes": float(nbytes), "sync/servers": float(synced)}
 
-    def _broadcast_sync(
-        self,
-        named_tensors: Iterable[tuple[str, torch.Tensor]],
-        servers: list[VllmServer],
-        start: Callable[[], None],
-    ) -> dict[str, float]:
+    def _broadcast_sync(self, named_tensors: NamedTensors, servers: Servers, start: Start) -> Stats:
         assert self.broadcast is not None
         start()
         # a down server that answers again rejoins now: it gets these weights with the others
