@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> None:
                     times[mode].append(stats["sync/time_s"])
                     nbytes = stats["sync/bytes"]
                     print(f"{mode} sync {i}: {stats['sync/time_s']:.3f} s", flush=True)
-                synced_dir = engine.weights_path or synced_dir  # the directory engine's last sync stays
+                synced_dir = engine.weights.path or synced_dir  # the directory engine's last sync stays
             error = check_landed(url, synced_dir)
         finally:
             if proc is not None:

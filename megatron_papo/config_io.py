@@ -3,6 +3,10 @@
 Every section of the config is a dataclass; this module knows nothing about PAPO. Values are checked
 against the field annotations (int, float, bool, str, Literal, Optional, list/tuple, nested dataclasses)
 and a dataclass's own ``__post_init__`` validation runs as it is built.
+
+``Literal`` fields are checked in one place, ``check_choice``: on load here, and by every config section's
+``__post_init__`` through ``check_choices``, so a section built directly (``AlgorithmConfig(name="ppo")``)
+refuses a bad value with the same message as a YAML file or override does.
 """
 
 from __future__ import annotations
@@ -21,10 +25,43 @@ class ConfigError(ValueError):
     """A config file or override that does not fit the config tree."""
 
 
+def literal_choices(tp: Any) -> tuple | None:
+    """The values a ``Literal[...]`` annotation allows (``None`` among them for ``Literal[...] | None``);
+    None when ``tp`` is not such an annotation."""
+    origin = typing.get_origin(tp)
+    if origin is typing.Literal:
+        return typing.get_args(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType) and all(
+        typing.get_origin(a) is typing.Literal or a is type(None) for a in args
+    ):
+        return tuple(v for a in args for v in (typing.get_args(a) if a is not type(None) else (None,)))
+    return None
+
+
+def check_choice(value: Any, tp: Any, where: str) -> None:
+    """Raise ``ConfigError`` (a ``ValueError``) naming ``where`` when ``tp`` is a ``Literal`` annotation
+    (possibly optional) that does not allow ``value``."""
+    choices = literal_choices(tp)
+    if choices is not None and value not in choices:
+        raise ConfigError(f"{where} must be one of {list(choices)}, got {value!r}")
+
+
+def check_choices(section: Any, name: str) -> None:
+    """Check every ``Literal`` field of the dataclass instance ``section`` (``check_choice``); ``name``
+    prefixes the field names in the error (``algorithm`` -> ``algorithm.kl_prc_estimator``)."""
+    hints = typing.get_type_hints(type(section))
+    for f in dataclasses.fields(section):
+        check_choice(getattr(section, f.name), hints[f.name], f"{name}.{f.name}")
+
+
 def _coerce(value: Any, tp: Any, where: str) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if tp is Any:
+        return value
+    if literal_choices(tp) is not None:  # Literal[...], Literal[...] | None
+        check_choice(value, tp, where)
         return value
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
@@ -36,10 +73,6 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             except ConfigError as e:
                 errors.append(str(e))
         raise ConfigError("; ".join(errors))
-    if origin is typing.Literal:
-        if value not in args:
-            raise ConfigError(f"{where}: {value!r} is not one of {list(args)}")
-        return value
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value

@@ -5,7 +5,7 @@ from typing import Literal
 
 import pytest
 
-from megatron_papo.config_io import ConfigError, load_config, to_dict
+from megatron_papo.config_io import ConfigError, check_choices, load_config, to_dict
 
 
 @dataclass
@@ -46,7 +46,7 @@ def test_yaml_and_overrides(tmp_path):
         (["steps=1.5"], "steps: expected an integer, got 1.5"),
         (["flag=1"], "flag: expected true/false"),
         (["inner.lr=fast"], "inner.lr: expected a number, got 'fast'"),
-        (["inner.kind=c"], r"inner.kind: 'c' is not one of \['a', 'b'\]"),
+        (["inner.kind=c"], r"inner.kind must be one of \['a', 'b'\], got 'c'"),
         (["inner.lr=-1"], "inner: lr must be > 0, got -1.0"),
         (["inner=3"], "expected a mapping for section Inner"),
         (["steps"], "not of the form key.sub=value"),
@@ -91,3 +91,36 @@ def test_the_run_config_refuses_settings_that_span_sections(overrides, message):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         load_train_config(os.path.join(root, "examples", "configs", "tiny_cpu.yaml"), overrides)
+
+
+@dataclass
+class WithChoices:
+    mode: Literal["x", "y"] = "x"
+    backend: Literal["gloo", "nccl"] | None = None
+
+    def __post_init__(self) -> None:
+        check_choices(self, "sec")
+
+
+def test_literal_fields_are_checked_in_one_place():
+    """A section built directly refuses what a file or override would (the same message), optional
+    Literals included; every config section with Literal fields does this."""
+    from megatron_papo.rollout.config import RolloutConfig
+    from megatron_papo.training.hacking import HackingDetectorConfig
+    from megatron_papo.training.optimizer import OptimizerConfig
+
+    assert WithChoices(backend="nccl").backend == "nccl"
+    optional = r"backend must be one of \['gloo', 'nccl', None\], got 'mpi'"
+    with pytest.raises(ConfigError, match=r"sec.mode must be one of \['x', 'y'\], got 'z'"):
+        WithChoices(mode="z")
+    with pytest.raises(ConfigError, match="sec." + optional):
+        WithChoices(backend="mpi")
+    with pytest.raises(ConfigError, match="config: " + optional):
+        load_config(WithChoices, None, ["backend=mpi"])
+    for build, message in (
+        (lambda: RolloutConfig(backend="sglang"), "rollout.backend must be one of"),
+        (lambda: OptimizerConfig(lr_schedule="step"), "optimizer.lr_schedule must be one of"),
+        (lambda: HackingDetectorConfig(action="abort"), "logging.hacking_detector.action must be one of"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            build()

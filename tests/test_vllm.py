@@ -551,9 +551,9 @@ def test_server_down_during_a_sync_is_reloaded_before_it_is_used_again(model, tm
     fake = fake_server("{}", health=(200, json.dumps({"weight_version": None})))
     with fake as url:
         eng = engine(model, [url], tmp_path, retry_down_after_s=0.0)
-        eng.weights_path, eng.weights_version = str(tmp_path / "v1"), 1
+        eng.weights.path, eng.weights.number = str(tmp_path / "v1"), 1
         eng.servers[0].mark_down("killed")
-        assert eng._acquire(set()) is eng.servers[0] and not eng.servers[0].down
+        assert eng.pool.acquire(set()) is eng.servers[0] and not eng.servers[0].down
     rpc = ["/collective_rpc", "/reset_mm_cache", "/reset_encoder_cache", "/reset_prefix_cache"]
     assert fake.paths == ["/health", "/weight_info", *rpc, "/update_weight_version"]
 
@@ -564,9 +564,9 @@ def test_server_that_missed_a_broadcast_stays_out_until_the_next_sync(model, tmp
     fake = fake_server("{}", health=(200, json.dumps({"weight_version": "another-run-1"})))
     with fake as url:
         eng = engine(model, [url], tmp_path, retry_down_after_s=0.0, weight_sync="broadcast")
-        eng.weights_version = 1
+        eng.weights.number = 1
         eng.servers[0].mark_down("killed")
-        assert eng._acquire(set()) is None and eng.servers[0].down
+        assert eng.pool.acquire(set()) is None and eng.servers[0].down
     assert "missed the broadcast" in eng.servers[0].last_error
     assert fake.paths == ["/health", "/weight_info"]
 

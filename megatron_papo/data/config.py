@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from megatron_papo.config_io import check_choices
+
 REFERENCE_QUESTION_TEMPLATE = (
     "{question} You FIRST think about the reasoning process as an internal monologue and then provide the "
     "final answer. The reasoning process MUST BE enclosed within <think> </think> tags. The final answer "
@@ -130,10 +132,7 @@ class MaskingConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        strategies = ("raw_grid", "patch", "noise", "precomputed")
-        _require(
-            self.strategy in strategies, f"masking.strategy {self.strategy!r} is not one of {strategies}"
-        )
+        check_choices(self, "masking")
         _require(0.0 <= self.ratio <= 1.0, f"masking.ratio must be in [0, 1], got {self.ratio}")
         _require(self.square_size >= 1, f"masking.square_size must be >= 1 pixel, got {self.square_size}")
         _require(self.noise_std > 0.0, f"masking.noise_std must be > 0, got {self.noise_std}")

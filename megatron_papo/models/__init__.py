@@ -8,6 +8,7 @@
 - ``rope_index``: multimodal RoPE positions (transformers' ``get_rope_index``).
 - ``weights``: HF <-> megatron shards (``load_hf_weights``, ``export_hf_state_dict``).
 - ``hf_directory``: writing a complete HF directory from a (sharded) model.
+- ``buckets``: size-bounded buckets of (name, tensor) pairs, the grouping of every weight export.
 - ``tiny``: tiny random Qwen2.5-VL models for tests and the CPU demo.
 """
 

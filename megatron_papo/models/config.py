@@ -13,8 +13,9 @@ from megatron.core import parallel_state as ps
 from megatron.core.transformer import TransformerConfig
 from transformers import AutoConfig
 
+from megatron_papo.config_io import check_choices
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-ATTENTION = ("auto", "sdpa", "local", "te")
 
 
 @dataclass
@@ -34,12 +35,9 @@ class ModelConfig:
     sequence_parallel: bool = False
 
     def __post_init__(self) -> None:
+        check_choices(self, "model")
         if not self.hf_path.strip():
             raise ValueError("model.hf_path must name an HF Qwen2.5-VL directory")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"model.dtype {self.dtype!r} is not one of {list(DTYPES)}")
-        if self.attention not in ATTENTION:
-            raise ValueError(f"model.attention {self.attention!r} is not one of {ATTENTION}")
 
 
 def load_hf_config(path: str):

@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
 
+from megatron_papo.models.buckets import buckets, tensor_bytes
 from megatron_papo.models.weights import HEAD, INDEX, SINGLE, checkpoint_name, export_hf_state_dict
 
 
@@ -24,24 +25,16 @@ def copy_non_weight_files(source_dir: str, out_dir: str) -> None:
 
 def write_safetensors(tensors: dict[str, torch.Tensor], out_dir: str, max_shard_bytes: int) -> None:
     """``tensors`` (checkpoint-file names) as ``model.safetensors`` or numbered shards plus an index."""
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for name, tensor in tensors.items():
-        nbytes = tensor.numel() * tensor.element_size()
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][name] = tensor.contiguous()
-        size += nbytes
-    if len(shards) == 1:
-        save_file(shards[0], os.path.join(out_dir, SINGLE), metadata={"format": "pt"})
+    shards = [{name: t.contiguous() for name, t in b} for b in buckets(tensors.items(), max_shard_bytes)]
+    if len(shards) <= 1:
+        save_file(shards[0] if shards else {}, os.path.join(out_dir, SINGLE), metadata={"format": "pt"})
         return
     weight_map = {}
     for i, shard in enumerate(shards):
         file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
         save_file(shard, os.path.join(out_dir, file), metadata={"format": "pt"})
         weight_map |= dict.fromkeys(shard, file)
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    total = sum(tensor_bytes(t) for t in tensors.values())
     with open(os.path.join(out_dir, INDEX), "w", encoding="utf-8") as f:
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
 

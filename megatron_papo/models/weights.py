@@ -25,6 +25,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from safetensors import safe_open
 
+from megatron_papo.models.buckets import buckets
 from megatron_papo.models.vision import export_hf_vision_weights, load_hf_vision_weights
 from megatron_papo.parallel.gather import tp_gather
 
@@ -229,27 +230,20 @@ def _stage_tensors(model) -> Iterator[tuple[str, torch.Tensor]]:
 @torch.no_grad()
 def export_hf_state_dict(model, bucket_bytes: int = 256 << 20) -> Iterator[tuple[str, torch.Tensor]]:
     """(``state_dict()`` name, full CPU tensor) for every weight of the whole model, on every rank, stage
-    by stage in buckets of about ``bucket_bytes``. A collective: every rank must iterate it to the end.
-    With tied embeddings ``lm_head.weight`` is the same tensor as the embedding."""
+    by stage in buckets of at most ``bucket_bytes`` (``megatron_papo.models.buckets``). A collective:
+    every rank must iterate it to the end. With tied embeddings ``lm_head.weight`` is the same tensor as
+    the embedding."""
     pp = ps.get_pipeline_model_parallel_world_size()
     if pp == 1:
         for name, tensor in _stage_tensors(model):
             yield name, tensor.cpu()
         return
     group, me = ps.get_pipeline_model_parallel_group(), ps.get_pipeline_model_parallel_rank()
-    local = iter(_stage_tensors(model))
+    local = buckets(((name, tensor.cpu()) for name, tensor in _stage_tensors(model)), bucket_bytes)
     for stage in range(pp):
         src = dist.get_global_rank(group, stage)
         while True:
-            bucket: list[tuple[str, torch.Tensor]] = []
-            if stage == me:
-                size = 0
-                for name, tensor in local:
-                    bucket.append((name, tensor.cpu()))
-                    size += tensor.numel() * tensor.element_size()
-                    if size >= bucket_bytes:
-                        break
-            payload = [bucket]
+            payload = [next(local, []) if stage == me else []]  # an empty bucket: the stage is done
             dist.broadcast_object_list(payload, src=src, group=group)
             if not payload[0]:
                 break

@@ -32,7 +32,9 @@ Reference extras, default off: ``use_sft_loss`` (an NLL term on correct rollouts
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Literal, get_args, get_origin, get_type_hints
+from typing import Literal
+
+from megatron_papo.config_io import check_choices
 
 AlgorithmName = Literal["grpo", "dapo", "papo_g", "papo_d"]
 KLPrcEstimator = Literal["k1", "k2", "k3", "k3_inverted", "exact"]
@@ -116,13 +118,7 @@ class AlgorithmConfig:
     overlong_penalty: float = 1.0
 
     def __post_init__(self) -> None:
-        hints = get_type_hints(type(self))
-        for f in fields(self):
-            choices = get_args(hints[f.name]) if get_origin(hints[f.name]) is Literal else ()
-            if choices and getattr(self, f.name) not in choices:
-                raise ValueError(
-                    f"algorithm.{f.name} must be one of {list(choices)}, got {getattr(self, f.name)!r}"
-                )
+        check_choices(self, "algorithm")
         for key, value in PRESETS[self.name].items():
             if getattr(self, key) is None:
                 setattr(self, key, value)

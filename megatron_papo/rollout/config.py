@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from megatron_papo.config_io import check_choices
+
 
 @dataclass
 class RolloutConfig:
@@ -30,6 +32,7 @@ class RolloutConfig:
     tis_cap: float | None = None
 
     def __post_init__(self) -> None:
+        check_choices(self, "rollout")
         if self.n < 1:
             raise ValueError(f"rollout.n must be >= 1, got {self.n}")
         if self.temperature <= 0:

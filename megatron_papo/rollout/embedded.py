@@ -20,7 +20,7 @@ from transformers import AutoConfig, Qwen2_5_VLForConditionalGeneration
 
 from megatron_papo.models.weights import module_name
 from megatron_papo.rollout.config import RolloutConfig
-from megatron_papo.rollout.engine import Rollout, RolloutRequest, rollout_stats
+from megatron_papo.rollout.engine import Rollout, RolloutRequest, rollout_stats, vision_token_ids
 
 
 class EmbeddedEngine:
@@ -42,13 +42,7 @@ class EmbeddedEngine:
         self.pad_token_id = pad_token_id
         self.device = torch.device(device)
         self.last_stats: dict[str, float] = {}
-        # a response must not contain image placeholders: the trainer would put image features there
-        self.vision_token_ids = [
-            config.image_token_id,
-            config.video_token_id,
-            config.vision_start_token_id,
-            config.vision_end_token_id,
-        ]
+        self.vision_token_ids = vision_token_ids(config)
 
     def sync_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Load (name, tensor) pairs named as in HF checkpoint files (either convention) or state_dict()."""

@@ -1,4 +1,5 @@
-"""The rollout interface: what every engine (embedded transformers, vLLM servers) takes and returns."""
+"""The rollout interface: what every engine (embedded transformers, vLLM servers) takes and returns, and the
+tokens every engine must keep out of responses (``vision_token_ids``)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,15 @@ from typing import Protocol
 
 import torch
 from PIL import Image
+
+# the Qwen2.5-VL config fields of the vision special tokens: image and video placeholders, vision start / end
+VISION_TOKEN_FIELDS = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
+
+
+def vision_token_ids(hf_config) -> list[int]:
+    """The token ids no engine may sample (embedded: ``suppress_tokens``; vLLM: a -100 ``logit_bias``): a
+    response must not contain image placeholders, the trainer would put image features there."""
+    return [int(getattr(hf_config, field)) for field in VISION_TOKEN_FIELDS]
 
 
 @dataclass

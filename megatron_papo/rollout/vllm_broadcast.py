@@ -30,8 +30,8 @@ from urllib.parse import urlparse
 
 import torch
 
+from megatron_papo.models.buckets import buckets
 from megatron_papo.rollout.vllm_http import ServerError, VllmServer
-from megatron_papo.rollout.vllm_sync import buckets
 from megatron_papo.rollout.weight_group import BACKEND, WeightGroup, open_group, pack
 
 
@@ -142,11 +142,11 @@ class BroadcastSync:
     def sync(
         self, servers: list[VllmServer], pairs: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int
     ) -> tuple[list[VllmServer], int]:
-        """Send ``pairs`` (checkpoint name, tensor) to every server of ``servers`` in buckets of about
-        ``bucket_bytes``; returns the servers that received all of them (not yet committed: see
-        ``VllmServer.commit``) and the bytes sent. A server that fails is marked down and left out; one
-        that cannot take part at all (no ``megatron_papo`` engine, a 4xx answer) raises its ``ServerError``
-        (see ``each``).
+        """Send ``pairs`` (checkpoint name, tensor) to every server of ``servers`` in buckets of at most
+        ``bucket_bytes`` (``megatron_papo.models.buckets``); returns the servers that received all of them
+        (not yet committed: see ``VllmServer.commit``) and the bytes sent. A server that fails is marked
+        down and left out; one that cannot take part at all (no ``megatron_papo`` engine, a 4xx answer)
+        raises its ``ServerError`` (see ``each``).
         """
         timeout = self.request_timeout_s
         live = self.each(servers, self.ensure_joined)  # every group first: a misconfigured server fails

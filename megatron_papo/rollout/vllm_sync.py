@@ -3,10 +3,10 @@ of the portable weight sync.
 
 The (``state_dict()`` name, full tensor) pairs of ``megatron_papo.models.export_hf_state_dict`` arrive
 stream-wise; they are renamed to checkpoint-file names (``model.layers.*``, ``visual.*``) and grouped in
-buckets, so at most one bucket is held in memory. Broadcast sync sends each bucket as one message
-(``megatron_papo.rollout.weight_group``); directory sync writes one safetensors shard per bucket. The
-directory is built as ``<out>.tmp`` and renamed to ``<out>`` once complete: a server never reads a
-half-written directory.
+size-bounded buckets (``megatron_papo.models.buckets``), so at most one bucket is held in memory.
+Broadcast sync sends each bucket as one message (``megatron_papo.rollout.weight_group``); directory sync
+writes one safetensors shard per bucket. The directory is built as ``<out>.tmp`` and renamed to ``<out>``
+once complete: a server never reads a half-written directory.
 
 With tied embeddings ``lm_head.weight`` (the embedding matrix) is written too, unlike ``save_pretrained``:
 vLLM 0.32's in-place ``reload_weights`` re-creates the embedding but puts the output layer's old tensor
@@ -25,6 +25,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from megatron_papo.models.buckets import buckets, tensor_bytes
 from megatron_papo.models.hf_directory import copy_non_weight_files
 from megatron_papo.models.weights import HEAD, INDEX, checkpoint_name
 
@@ -68,22 +69,6 @@ def checkpoint_tensors(
         )
 
 
-def buckets(
-    pairs: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int
-) -> Iterator[list[tuple[str, torch.Tensor]]]:
-    """``pairs`` in consecutive groups of about ``bucket_bytes`` (a group ends once it reaches that size)."""
-    bucket: list[tuple[str, torch.Tensor]] = []
-    size = 0
-    for name, tensor in pairs:
-        bucket.append((name, tensor))
-        size += tensor.numel() * tensor.element_size()
-        if size >= bucket_bytes:
-            yield bucket
-            bucket, size = [], 0
-    if bucket:
-        yield bucket
-
-
 def write_weight_directory(
     named_tensors: Iterable[tuple[str, torch.Tensor]],
     out_dir: str,
@@ -91,9 +76,10 @@ def write_weight_directory(
     tied: bool,
     bucket_bytes: int,
 ) -> int:
-    """Write ``named_tensors`` as the HF directory ``out_dir`` (weights in buckets of about
-    ``bucket_bytes``, plus the non-weight files of ``source_dir``); return the bytes written. A wrong set
-    of names (see ``checkpoint_tensors``) raises ``ValueError`` and leaves nothing behind.
+    """Write ``named_tensors`` as the HF directory ``out_dir`` (weights in buckets of at most
+    ``bucket_bytes``, ``megatron_papo.models.buckets``, plus the non-weight files of ``source_dir``); return
+    the bytes written. A wrong set of names (see ``checkpoint_tensors``) raises ``ValueError`` and leaves
+    nothing behind.
     """
     out_dir = out_dir.rstrip("/")
     tmp = out_dir + ".tmp"
@@ -109,7 +95,7 @@ def write_weight_directory(
             tensors = {name: (t.clone() if name == HEAD else t).contiguous().cpu() for name, t in bucket}
             save_file(tensors, os.path.join(tmp, file), metadata={"format": "pt"})
             weight_map.update(dict.fromkeys(tensors, file))
-            total += sum(t.numel() * t.element_size() for t in tensors.values())
+            total += sum(tensor_bytes(t) for t in tensors.values())
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from megatron_papo.config_io import check_choices
+
 # the pair of entropies the default rule was calibrated on (docs/results.md): the exact entropy with the
 # original image and the sample estimate -mean(lp_mask) with the masked one (all a default run computes)
 KEYS = ("papo/kl_prc", "papo/entropy", "papo/masked_entropy_sample", "actor/pg_clipfrac_high")
@@ -30,6 +32,7 @@ class HackingDetectorConfig:
     patience: int = 2
 
     def __post_init__(self) -> None:
+        check_choices(self, "logging.hacking_detector")
         if self.warmup_steps < 1 or self.patience < 1 or self.kl_factor <= 1 or self.entropy_factor < 1:
             raise ValueError(
                 "hacking_detector: need warmup_steps >= 1, patience >= 1, kl_factor > 1 and "

@@ -10,6 +10,8 @@ from megatron.core.optimizer import get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.transformer.module import MegatronModule
 
+from megatron_papo.config_io import check_choices
+
 
 @dataclass
 class OptimizerConfig:
@@ -30,6 +32,7 @@ class OptimizerConfig:
     bf16: bool = False
 
     def __post_init__(self) -> None:
+        check_choices(self, "optimizer")
         if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
             raise ValueError(
                 f"optimizer: need 0 <= min_lr <= lr and lr > 0, got lr={self.lr} min_lr={self.min_lr}"
