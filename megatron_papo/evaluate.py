@@ -36,7 +36,8 @@ def _request_images(
 
 
 def evaluate(cfg: TrainConfig, policy: Policy, seed: int) -> dict[str, float]:
-    """avg@``eval.n`` accuracy and format rate over the test split (or its first ``eval.max_prompts``)."""
+    """avg@``eval.n`` accuracy and format rate over the test split (or its first ``eval.max_prompts``),
+    overall and per subset tag of the prompts (``EvalTally.metrics``)."""
     dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
     source = PromptSource(
         cfg.model.hf_path,
@@ -53,8 +54,7 @@ def evaluate(cfg: TrainConfig, policy: Policy, seed: int) -> dict[str, float]:
     if cfg.eval.max_prompts:
         limit = min(limit, -(-cfg.eval.max_prompts // dp_size))
     prompts = source.next_prompts(limit)
-    # accuracy, masked accuracy, format, masked format, responses
-    totals = torch.zeros(5, dtype=torch.float64, device=current_device())
+    tally = EvalTally()
     for masked in (False, True):
         requests = [
             RolloutRequest(
@@ -74,17 +74,51 @@ def evaluate(cfg: TrainConfig, policy: Policy, seed: int) -> dict[str, float]:
             )
             for text in texts:
                 reward = source.reward_fn(text, prompt.answer, prompt.answer_type)
-                totals[int(masked)] += reward.accuracy
-                totals[2 + int(masked)] += reward.format
-                totals[4] += 0.5  # counted once over the two passes
-    dist.all_reduce(totals, group=ps.get_data_parallel_group())
-    count = max(float(totals[4]), 1.0)
-    accuracy, masked_accuracy = float(totals[0]) / count, float(totals[1]) / count
-    return {
-        "eval/accuracy": accuracy,
-        "eval/masked_accuracy": masked_accuracy,
-        "eval/accuracy_gap": accuracy - masked_accuracy,
-        "eval/format": float(totals[2]) / count,
-        "eval/masked_format": float(totals[3]) / count,
-        "eval/prompts": count / cfg.eval.n,
-    }
+                tally.add(prompt.extra.get("subset"), masked, reward.accuracy, reward.format)
+    return tally.reduced(ps.get_data_parallel_group()).metrics(cfg.eval.n)
+
+
+class EvalTally:
+    """Sums over scored responses, overall (key ``""``) and per subset tag (``extra["subset"]``).
+
+    Each row holds [accuracy, masked accuracy, format, masked format, responses]; a response counts 0.5
+    in each of the two passes (original, masked), so ``responses`` is the number per pass.
+    """
+
+    def __init__(self, sums: dict[str, list[float]] | None = None) -> None:
+        self.sums = sums if sums is not None else {"": [0.0] * 5}
+
+    def add(self, subset: str | None, masked: bool, accuracy: float, format_: float) -> None:
+        for key in ("",) + ((subset,) if subset else ()):
+            row = self.sums.setdefault(key, [0.0] * 5)
+            row[int(masked)] += accuracy
+            row[2 + int(masked)] += format_
+            row[4] += 0.5
+
+    def reduced(self, group: dist.ProcessGroup) -> EvalTally:
+        """The sums over every rank of ``group`` (ranks may hold different tags)."""
+        tags: list[list[str]] = [[] for _ in range(dist.get_world_size(group))]
+        dist.all_gather_object(tags, sorted(self.sums), group=group)
+        keys = sorted(set().union(*tags))
+        rows = [self.sums.get(k, [0.0] * 5) for k in keys]
+        totals = torch.tensor(rows, dtype=torch.float64, device=current_device())
+        dist.all_reduce(totals, group=group)
+        return EvalTally(dict(zip(keys, totals.tolist(), strict=True)))
+
+    def metrics(self, n: int) -> dict[str, float]:
+        """``eval/accuracy`` etc. over all prompts; per tag ``eval/accuracy/TAG``,
+        ``eval/masked_accuracy/TAG`` and ``eval/prompts/TAG`` (``n``: samples per prompt)."""
+        out = {}
+        for key, (acc, masked_acc, fmt, masked_fmt, responses) in self.sums.items():
+            count = max(responses, 1.0)
+            suffix = f"/{key}" if key else ""
+            out[f"eval/accuracy{suffix}"] = acc / count
+            out[f"eval/masked_accuracy{suffix}"] = masked_acc / count
+            out[f"eval/prompts{suffix}"] = responses / n
+            if not key:
+                out |= {
+                    "eval/accuracy_gap": (acc - masked_acc) / count,
+                    "eval/format": fmt / count,
+                    "eval/masked_format": masked_fmt / count,
+                }
+        return out

@@ -27,21 +27,33 @@ def test_smoke_study_end_to_end(tmp_path):
     out = tmp_path / "study"
     _study(out)
     results = json.loads((out / "results.json").read_text())
-    assert set(results["evals"]) == {"sft", "grpo_s1", "papo_g_s1"}
+    assert set(results["evals"]) == {"sft", "grpo_s1", "papo_g_masked_s1"}
     for ev in results["evals"].values():
         for key in ("eval/accuracy", "eval/masked_accuracy", "eval/format"):
             assert 0.0 <= ev[key] <= 1.0
         assert ev["eval/prompts"] > 0
+        subsets = [k.rsplit("/", 1)[1] for k in ev if k.startswith("eval/prompts/")]
+        assert set(subsets) <= {"prior_consistent", "prior_violating", "other"} and subsets
+        assert sum(ev[f"eval/prompts/{s}"] for s in subsets) == ev["eval/prompts"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["n_test"] == 4 and set(summary["sft"]) == {"acc", "acc_masked"}
+    assert [(r["method"], r["seed"]) for r in summary["runs"]] == [("grpo", 1), ("papo_g_masked", 1)]
+    keys = {"method", "seed", "acc", "acc_masked", "acc_prior_violating"}
+    assert all(set(r) == keys for r in summary["runs"])
+    masked_run = (out / "rl" / "papo_g_masked_s1" / "config.in.yaml").read_text()
+    assert "masked_grad: true" in masked_run
     assert results["hacking"]["gamma"] == 1.0 and results["hacking"]["kl_prc_max"] >= 0.0
-    for name in ("sft", "rl/grpo_s1", "rl/papo_g_s1", "rl/hacking_papo_g"):
+    for name in ("sft", "rl/grpo_s1", "rl/papo_g_masked_s1", "rl/hacking_papo_g"):
         assert results["timings_s"][name] > 0
     table = (out / "results.md").read_text()
-    for row in ("| SFT (start) | 1 |", "| GRPO | 1 |", "| PAPO-G | 1 |", "KL_prc-hacking demo"):
+    for row in ("| SFT (start) | 1 |", "| GRPO | 1 |", "| PAPO-G masked_grad | 1 |", "KL_prc-hacking demo"):
         assert row in table
-    for png in ("curves.png", "accuracy.png", "hacking.png"):
+    assert "| GRPO | " in table.split("Gain over the SFT start")[1]
+    for png in ("curves.png", "curves_s1.png", "accuracy.png", "hacking.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     papo = [
-        json.loads(line) for line in (out / "rl" / "papo_g_s1" / "metrics.jsonl").read_text().splitlines()
+        json.loads(line)
+        for line in (out / "rl" / "papo_g_masked_s1" / "metrics.jsonl").read_text().splitlines()
     ]
     assert [r["step"] for r in papo] == [1, 2] and all("papo/kl_prc" in r for r in papo)
     assert (out / "sft" / "hf" / "model.safetensors").exists()

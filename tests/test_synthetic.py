@@ -1,6 +1,8 @@
 """The synthetic task: deterministic by seed, answers exact (re-derived from the pixels of each image, and
 from the scene), train and test disjoint, the difficulty knob changes the task; tools/make_synthetic.py."""
 
+import dataclasses
+import hashlib
 import os
 import re
 
@@ -8,10 +10,13 @@ import numpy as np
 import pytest
 import torch
 from data_helpers import data_config, make_synthetic, read_samples, tiny_processor_dir
+from multiprocess import run_distributed
 
 from megatron_papo.data.config import MaskingConfig, SyntheticConfig
 from megatron_papo.data.manifest import load_manifest
+from megatron_papo.data.records import DataError
 from megatron_papo.data.synthetic import COLORS, DIGIT_FONT, LEVELS, generate
+from megatron_papo.evaluate import EvalTally
 from megatron_papo.rewards.config import RewardConfig
 from megatron_papo.rewards.registry import papo_default
 from megatron_papo.training.prompts import PromptSource
@@ -173,3 +178,74 @@ def test_the_trainer_prompt_source_serves_the_synthetic_task(tmp_path):
         hf, data, MaskingConfig(), RewardConfig(), str(tmp_path / "run"), 0, 1, "test", repeat=False
     )
     assert sorted(p.uid for p in test.next_prompts(10)) == [f"synthetic-test-{i:07d}" for i in range(4)]
+
+
+PRIOR = SyntheticConfig(num_train=1200, num_test=400, count_prior_answer=2, count_prior_fraction=0.7)
+
+
+def _count_answers(samples) -> list[str]:
+    return [s.answer for s in samples if s.extra["question_type"] == "count"]
+
+
+def test_prior_trap_skews_train_counts_only_and_tags_every_sample():
+    train, test = list(generate(PRIOR, "train")), list(generate(PRIOR, "test"))
+    # shares within 4 binomial standard errors of the configured ones (the set is fixed by its seed)
+    expected = {"train": {"0": 0.1, "1": 0.1, "2": 0.7, "3": 0.1}, "test": dict.fromkeys("0123", 0.25)}
+    for split, samples in (("train", train), ("test", test)):
+        counts = _count_answers(samples)
+        for answer, p in expected[split].items():
+            assert abs(counts.count(answer) / len(counts) - p) < 4 * (p * (1 - p) / len(counts)) ** 0.5
+    for sample in train + test:
+        prior = "prior_consistent" if sample.answer == "2" else "prior_violating"
+        assert sample.extra["subset"] == (prior if sample.extra["question_type"] == "count" else "other")
+    # off by default: no tag, and the same scenes as before the option existed (fingerprints at HEAD~)
+    plain = dataclasses.replace(PRIOR, count_prior_answer=None, num_train=50, num_test=20)
+    for split, digest in (("train", "dfd77a298d0f3e55"), ("test", "42c4e0ed45a3dbfe")):
+        samples = list(generate(plain, split))
+        assert all("subset" not in s.extra for s in samples)
+        keys = "".join(s.extra["fingerprint"] for s in samples)
+        assert hashlib.sha256(keys.encode()).hexdigest()[:16] == digest
+    with pytest.raises(DataError, match="count_prior_answer 4 is not a count of difficulty 1"):
+        next(generate(dataclasses.replace(PRIOR, count_prior_answer=4), "train"))
+
+
+def test_eval_tally_per_subset_adds_up():
+    tally = EvalTally()
+    scored = [  # (subset, masked, accuracy, format)
+        ("prior_violating", False, 1.0, 1.0),
+        ("prior_violating", True, 0.0, 1.0),
+        ("prior_consistent", False, 1.0, 1.0),
+        ("prior_consistent", True, 1.0, 0.0),
+        (None, False, 0.0, 1.0),
+        (None, True, 0.0, 1.0),
+    ]
+    for subset, masked, accuracy, format_ in scored:
+        tally.add(subset, masked, accuracy, format_)
+    m = tally.metrics(n=1)
+    assert m["eval/prompts"] == 3 and m["eval/accuracy"] == pytest.approx(2 / 3)
+    assert m["eval/masked_accuracy"] == pytest.approx(1 / 3)
+    assert m["eval/masked_format"] == pytest.approx(2 / 3)
+    assert (m["eval/accuracy/prior_violating"], m["eval/masked_accuracy/prior_violating"]) == (1.0, 0.0)
+    assert (m["eval/accuracy/prior_consistent"], m["eval/masked_accuracy/prior_consistent"]) == (1.0, 1.0)
+    tags = ("prior_violating", "prior_consistent")
+    assert sum(m[f"eval/prompts/{t}"] for t in tags) == 2
+    assert "eval/accuracy/other" not in m
+
+
+def _reduced_tally(rank_rows: list[list[tuple]]) -> dict[str, list[float]]:
+    from megatron.core import parallel_state as ps
+
+    tally = EvalTally()
+    for row in rank_rows[ps.get_data_parallel_rank()]:
+        tally.add(*row)
+    return tally.reduced(ps.get_data_parallel_group()).sums
+
+
+def test_eval_tally_reduces_over_ranks_with_different_tags():
+    rows = [[("prior_violating", False, 1.0, 1.0)], [("other", False, 0.0, 1.0), (None, True, 1.0, 0.0)]]
+    for sums in run_distributed(_reduced_tally, 2, rows):
+        assert sums == {
+            "": [1.0, 1.0, 2.0, 0.0, 1.5],
+            "other": [0.0, 0.0, 1.0, 0.0, 0.5],
+            "prior_violating": [1.0, 0.0, 1.0, 0.0, 0.5],
+        }

@@ -38,6 +38,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help=f"from {list(QUESTION_TYPES)} (digit_sum needs --difficulty 3)",
     )
     parser.add_argument("--samples-per-shard", type=int, default=defaults.samples_per_shard)
+    parser.add_argument(
+        "--count-prior-answer", type=int, default=None, help="prior trap: the train split's dominant count"
+    )
+    parser.add_argument(
+        "--count-prior-fraction",
+        type=float,
+        default=defaults.count_prior_fraction,
+        help="share of train count questions with --count-prior-answer",
+    )
     return parser.parse_args(argv)
 
 

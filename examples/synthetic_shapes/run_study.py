@@ -21,6 +21,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -46,9 +47,23 @@ from plot_metrics import plot, read_metrics  # noqa: E402
 
 EVAL_SEED = 1234  # the same sampling seed and masks for every evaluation
 HACKING_RUN = "hacking_papo_g"
-EVAL_COLUMNS = ("accuracy", "masked_accuracy", "accuracy_gap", "format")
+EVAL_COLUMNS = (
+    "accuracy",
+    "masked_accuracy",
+    "accuracy_gap",
+    "format",
+    "accuracy/prior_consistent",
+    "accuracy/prior_violating",
+)
 TRAIN_COLUMNS = ("reward/mean", "papo/kl_prc", "papo/entropy")
-LABELS = {"sft": "SFT (start)", "grpo": "GRPO", "papo_g": "PAPO-G", "dapo": "DAPO", "papo_d": "PAPO-D"}
+LABELS = {
+    "sft": "SFT (start)",
+    "grpo": "GRPO",
+    "papo_g": "PAPO-G",
+    "papo_g_masked": "PAPO-G masked_grad",
+    "dapo": "DAPO",
+    "papo_d": "PAPO-D",
+}
 
 
 @dataclass
@@ -63,6 +78,8 @@ class StudySize:
     rl: dict[str, Any] = field(default_factory=dict)
     eval: dict[str, Any] = field(default_factory=dict)
     hacking: dict[str, Any] = field(default_factory=dict)  # merged over ``rl``
+    # methods beyond the presets: name -> sections merged over ``rl`` (they set ``algorithm.name``)
+    variants: dict[str, dict[str, Any]] = field(default_factory=dict)
     nproc: int = 1  # processes per run (tensor parallel size times data parallel size)
     jobs: int = 1  # RL runs and evaluations at once (each with 1 / jobs of the CPU threads)
 
@@ -80,8 +97,9 @@ def merge(base: dict[str, Any], *updates: dict[str, Any]) -> dict[str, Any]:
 
 
 class Study:
-    def __init__(self, size: StudySize, out: str, hacking_demo: bool) -> None:
+    def __init__(self, size: StudySize, out: str, hacking_demo: bool, publish: str | None = None) -> None:
         self.size, self.out, self.hacking_demo = size, os.path.abspath(out), hacking_demo
+        self.publish = publish  # a folder that receives summary.json and the plots (docs/results)
         with open(os.path.join(HERE, "base.yaml"), encoding="utf-8") as f:
             self.base = yaml.safe_load(f)
         os.makedirs(self.out, exist_ok=True)
@@ -170,7 +188,8 @@ class Study:
         if run == HACKING_RUN:
             return merge(self.size.rl, self.size.hacking)
         method, seed = run.rsplit("_s", 1)
-        return merge(self.size.rl, {"algorithm": {"name": method}, "trainer": {"seed": int(seed)}})
+        sections = self.size.variants.get(method, {"algorithm": {"name": method}})
+        return merge(self.size.rl, sections, {"trainer": {"seed": int(seed)}})
 
     def evaluate(self, name: str, checkpoint: str | None) -> None:
         out = self.path("eval", f"{name}.json")
@@ -203,6 +222,12 @@ class Study:
         report = Report(self)
         report.write()
         self.log(f"results: {self.path('results.md')}")
+        if self.publish:
+            os.makedirs(self.publish, exist_ok=True)
+            for name in sorted(os.listdir(self.out)):
+                if name == "summary.json" or name.endswith(".png"):
+                    shutil.copy(self.path(name), os.path.join(self.publish, name))
+            self.log(f"summary.json and plots copied to {self.publish}")
 
 
 # ---------------------------------------------------------------- results
@@ -241,8 +266,77 @@ class Report:
         }
 
     def eval_stats(self, runs: list[str], key: str) -> tuple[float, float] | None:
-        values = [self.evals[r][key] for r in runs if r in self.evals]
+        values = [self.evals[r][key] for r in runs if key in self.evals.get(r, {})]
         return _mean_std(values) if values else None
+
+    def n_test(self) -> int:
+        """Test prompts per evaluation (the SFT start's; every evaluation uses the same ones)."""
+        return round(self.evals["sft"]["eval/prompts"])
+
+    def gain(self, runs: list[str]) -> dict[str, float] | None:
+        """A method's mean test accuracy over its seeds minus the SFT start's (``gain``), in units of
+        the method mean's standard error (``z``: the bar is z >= 3) and, stricter, of the difference's
+        (``z_diff``, the SFT start's own SE added in quadrature, as if the test items were not shared).
+
+        Per run, the binomial SE over the N test prompts: sqrt(p (1 - p) / N). A method's mean over k
+        seeds has SE sqrt(max(s^2, mean binomial variance) / k), s the seed spread (sample std), so
+        neither three agreeing seeds nor a noisy test split understate it.
+        """
+        accs = [self.evals[r]["eval/accuracy"] for r in runs if r in self.evals]
+        if not accs or "sft" not in self.evals:
+            return None
+        n, sft = self.n_test(), self.evals["sft"]["eval/accuracy"]
+        mean, spread = _mean_std(accs)
+        binomial = statistics.fmean(p * (1 - p) / n for p in accs)
+        se = math.sqrt(max(spread**2, binomial) / len(accs))
+        se_diff = math.sqrt(se**2 + sft * (1 - sft) / n)
+        return {
+            "gain": mean - sft,
+            "se": se,
+            "z": (mean - sft) / se if se else 0.0,
+            "se_diff": se_diff,
+            "z_diff": (mean - sft) / se_diff if se_diff else 0.0,
+        }
+
+    def summary(self) -> dict[str, Any]:
+        """``summary.json``: the SFT start and every run's test accuracies (fractions)."""
+        runs = []
+        for method, seed in ((m, s) for m in self.study.size.methods for s in self.study.size.seeds):
+            ev = self.evals.get(f"{method}_s{seed}")
+            if ev:
+                runs.append(
+                    {
+                        "method": method,
+                        "seed": seed,
+                        "acc": ev["eval/accuracy"],
+                        "acc_masked": ev["eval/masked_accuracy"],
+                        "acc_prior_violating": ev.get("eval/accuracy/prior_violating"),
+                    }
+                )
+        sft = self.evals["sft"]
+        return {
+            "n_test": self.n_test(),
+            "sft": {"acc": sft["eval/accuracy"], "acc_masked": sft["eval/masked_accuracy"]},
+            "runs": runs,
+        }
+
+    def gains_table(self) -> list[str]:
+        lines = [
+            f"Gain over the SFT start (test accuracy points, N = {self.n_test()} prompts; `Report.gain`: "
+            "SE of the method's mean from the per-run binomial SE and the seed spread; SE of the difference "
+            "adds the SFT start's binomial SE; the bar is gain >= 3 SE):",
+            "",
+            "| method | mean acc. - SFT | SE (mean) | z | SE (difference) | z (difference) | clears 3 SE |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for method, runs in self.groups.items():
+            if method != "sft" and (g := self.gain(runs)):
+                lines.append(
+                    f"| {LABELS.get(method, method)} | {100 * g['gain']:+.1f} | {100 * g['se']:.1f} | "
+                    f"{g['z']:+.2f} | {100 * g['se_diff']:.1f} | {g['z_diff']:+.2f} | "
+                    f"{'yes' if g['z'] >= 3 else 'no'} |"
+                )
+        return lines
 
     def train_stats(self, runs: list[str], key: str) -> tuple[float, float] | None:
         values = [v for r in runs if (v := _last(self.metrics.get(r, []), key)) is not None]
@@ -273,9 +367,9 @@ class Report:
             return "-" if stats is None else f"{stats[0]:.4g} ± {stats[1]:.2g}"
 
         lines = [
-            "| method | runs | test acc. (orig.) | test acc. (masked) | gap | format | "
-            "train reward (last 3) | KL_prc (last 3) | entropy (last 3) |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "| method | runs | test acc. (orig.) | test acc. (masked) | gap | format | prior-consistent | "
+            "prior-violating | train reward (last 3) | KL_prc (last 3) | entropy (last 3) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for method, runs in self.groups.items():
             evals = [percent(self.eval_stats(runs, f"eval/{k}")) for k in EVAL_COLUMNS]
@@ -285,13 +379,16 @@ class Report:
         return lines
 
     def per_run(self) -> list[str]:
-        lines = ["| run | test acc. (orig.) | test acc. (masked) | format | train reward (last 3) |"]
-        lines.append("|---|---|---|---|---|")
+        lines = [
+            "| run | test acc. (orig.) | test acc. (masked) | format | prior-violating | "
+            "train reward (last 3) |",
+            "|---|---|---|---|---|---|",
+        ]
         for run in [r for runs in self.groups.values() for r in runs]:
             ev = self.evals.get(run, {})
             cells = [
-                f"{100 * ev[f'eval/{k}']:.1f}" if ev else "-"
-                for k in ("accuracy", "masked_accuracy", "format")
+                f"{100 * ev[f'eval/{k}']:.1f}" if f"eval/{k}" in ev else "-"
+                for k in ("accuracy", "masked_accuracy", "format", "accuracy/prior_violating")
             ]
             reward = _last(self.metrics.get(run, []), "reward/mean")
             lines.append(
@@ -322,6 +419,9 @@ class Report:
         study = self.study
         runs = [r for r in study.runs if r != HACKING_RUN]
         plot([study.path("rl", r, "metrics.jsonl") for r in runs], study.path("curves.png"))
+        for seed in study.size.seeds:  # every method on the same prompts at each step
+            seed_runs = [f"{m}_s{seed}" for m in study.size.methods]
+            plot([study.path("rl", r, "metrics.jsonl") for r in seed_runs], study.path(f"curves_s{seed}.png"))
         self.plot_accuracy(study.path("accuracy.png"))
         lines = [
             f"# Synthetic-shapes study ({study.out})",
@@ -332,15 +432,23 @@ class Report:
             "",
             *self.table(),
             "",
+            *self.gains_table(),
+            "",
             *self.per_run(),
             "",
             "Stage wall times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in study.timings.items()) + ".",
             "",
             "![curves](curves.png)",
             "",
+            *(f"![curves, seed {seed}](curves_s{seed}.png)" for seed in study.size.seeds),
+            "",
             "![accuracy](accuracy.png)",
         ]
-        results: dict[str, Any] = {"evals": self.evals, "timings_s": study.timings}
+        results: dict[str, Any] = {
+            "evals": self.evals,
+            "timings_s": study.timings,
+            "gains": {m: self.gain(runs) for m, runs in self.groups.items() if m != "sft"},
+        }
         if study.hacking_demo:
             hacking = self.hacking()
             results["hacking"] = hacking
@@ -367,6 +475,8 @@ class Report:
             f.write("\n".join(lines) + "\n")
         with open(study.path("results.json"), "w", encoding="utf-8") as f:
             json.dump(results, f, indent=1)
+        with open(study.path("summary.json"), "w", encoding="utf-8") as f:
+            json.dump(self.summary(), f, indent=1)
 
 
 def main() -> None:
@@ -376,12 +486,13 @@ def main() -> None:
     parser.add_argument("--size", default="cpu", help="a size file beside this script: smoke, cpu, gpu")
     parser.add_argument("--out", help="study directory (default: runs/synthetic_shapes/SIZE)")
     parser.add_argument("--no-hacking-demo", action="store_true", help="skip the large-gamma PAPO-G run")
+    parser.add_argument("--publish", help="copy summary.json and the plots there too, e.g. docs/results")
     parser.add_argument("overrides", nargs="*", help="size overrides, e.g. seeds=[1,2,3] rl.trainer.steps=20")
     args = parser.parse_args()
     size = load_config(StudySize, os.path.join(HERE, f"{args.size}.yaml"), args.overrides)
     out = args.out or os.path.join("runs", "synthetic_shapes", args.size)
     start = time.monotonic()
-    Study(size, out, hacking_demo=not args.no_hacking_demo).run()
+    Study(size, out, hacking_demo=not args.no_hacking_demo, publish=args.publish).run()
     print(f"study wall time: {time.monotonic() - start:.0f}s")
 
 

@@ -27,6 +27,12 @@ class SyntheticConfig:
     ``difficulty`` 1: 1-3 large objects, 3 colors, 3 shapes; 2: up to 5 objects, 5 colors; 3: up to 6
     smaller objects, 6 colors, and digit-sum questions. Answer sets stay small (counts 0-5, colors,
     left/right, sums) so a tiny model can learn them.
+
+    Prior trap (off by default): with ``count_prior_answer`` set, a ``count_prior_fraction`` share of the
+    TRAIN split's count questions has that answer (the rest spread evenly over the other counts), while the
+    test split stays uniform; every sample is tagged ``extra["subset"]``: ``prior_consistent`` /
+    ``prior_violating`` (a count question whose answer is / is not the prior) or ``other``. A policy that
+    answers from the language prior scores well on train-like items and badly on the violating ones.
     """
 
     num_train: int = 2000
@@ -36,6 +42,8 @@ class SyntheticConfig:
     image_size: int = 84
     question_types: tuple[str, ...] = ("count", "color", "position")
     samples_per_shard: int = 500
+    count_prior_answer: int | None = None
+    count_prior_fraction: float = 0.7
 
     def __post_init__(self) -> None:
         _require(self.num_train >= 1, f"synthetic.num_train must be >= 1, got {self.num_train}")
@@ -58,6 +66,14 @@ class SyntheticConfig:
             "synthetic.question_types: 'digit_sum' needs synthetic.difficulty=3",
         )
         _require(self.samples_per_shard >= 1, "synthetic.samples_per_shard must be >= 1")
+        _require(
+            self.count_prior_answer is None or "count" in self.question_types,
+            "synthetic.count_prior_answer needs 'count' in synthetic.question_types",
+        )
+        _require(
+            0.0 <= self.count_prior_fraction <= 1.0,
+            f"synthetic.count_prior_fraction must be in [0, 1], got {self.count_prior_fraction}",
+        )
 
 
 @dataclass

@@ -5,19 +5,21 @@ solid colors) sit inside distinct cells, at least two pixels apart, drawn withou
 questions: how many <color> <shape>s (0-5), what color is the <shape>, is A left or right of B, and (at
 difficulty 3) the sum of the digits shown (a built-in 3x5 pixel font, so renders are identical on every
 machine). Answers are drawn uniformly from their small sets before the scene is built around them, so
-the question text alone does not give the answer away. Each sample carries a reference ``solution``
+the question text alone does not give the answer away (unless the prior trap skews the train split's
+counts: ``SyntheticConfig.count_prior_answer``). Each sample carries a reference ``solution``
 (short reasoning in ``<think>...</think>`` then ``\\boxed{answer}``) for an SFT warm start.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import io
 import json
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -121,11 +123,29 @@ def _describe(objs: list[SceneObject]) -> str:
     return f"I see {listing}."
 
 
+@dataclass(frozen=True)
+class CountPrior:
+    """The train split's trap: a ``fraction`` share of count questions have the answer ``answer``."""
+
+    answer: int
+    fraction: float
+
+
+def _count_value(rng: np.random.Generator, max_count: int, prior: CountPrior | None) -> int:
+    """A count in 0..``max_count``: uniform, or ``prior.answer`` with probability ``prior.fraction`` and
+    otherwise uniform over the other counts."""
+    if prior is None:
+        return int(rng.integers(max_count + 1))
+    if rng.random() < prior.fraction:
+        return prior.answer
+    return _pick(rng, [k for k in range(max_count + 1) if k != prior.answer])
+
+
 def _count_scene(
-    rng: np.random.Generator, level: Level, colors: list[str]
+    rng: np.random.Generator, level: Level, colors: list[str], prior: CountPrior | None = None
 ) -> tuple[list[SceneObject], Question]:
     shape, color = _pick(rng, SHAPES), _pick(rng, colors)
-    k = int(rng.integers(level.max_count + 1))
+    k = _count_value(rng, level.max_count, prior)
     n = int(rng.integers(max(k, level.min_objects), max(k, level.max_objects) + 1))
     specs = [(shape, color)] * k + [_other(rng, colors, {(shape, color)}) for _ in range(n - k)]
     objs = _place(rng, level, specs)
@@ -196,7 +216,8 @@ def _digit_sum_scene(
     return objs, Question("digit_sum", text, str(sum(shown)), "math", reasoning)
 
 
-SCENES = {
+SceneBuilder = Callable[[np.random.Generator, Level, list[str]], tuple[list[SceneObject], Question]]
+SCENES: dict[str, SceneBuilder] = {
     "count": _count_scene,
     "color": _color_scene,
     "position": _position_scene,
@@ -243,22 +264,48 @@ def solution_text(question: Question) -> str:
     return f"<think> {question.reasoning} </think> \\boxed{{{question.answer}}}"
 
 
+def subset_tag(prior_answer: int | None, question: Question) -> dict[str, str]:
+    """``{"subset": tag}`` for the prior-trap variant (``prior_answer`` set), else ``{}``: a count question
+    is ``prior_consistent`` when its answer is the prior, ``prior_violating`` when not; others ``other``."""
+    if prior_answer is None:
+        return {}
+    if question.kind != "count":
+        return {"subset": "other"}
+    return {"subset": "prior_consistent" if question.answer == str(prior_answer) else "prior_violating"}
+
+
+def _scenes(cfg: SyntheticConfig, split: str, level: Level) -> dict[str, SceneBuilder]:
+    """The scene builders of ``split``: the train split's count questions follow the prior trap if set."""
+    if split != "train" or cfg.count_prior_answer is None:
+        return SCENES
+    if not 0 <= cfg.count_prior_answer <= level.max_count:
+        raise DataError(
+            f"synthetic.count_prior_answer {cfg.count_prior_answer} is not a count of difficulty "
+            f"{cfg.difficulty} (0..{level.max_count})"
+        )
+    prior = CountPrior(cfg.count_prior_answer, cfg.count_prior_fraction)
+    return SCENES | {"count": functools.partial(_count_scene, prior=prior)}
+
+
 def generate(cfg: SyntheticConfig, split: str, exclude: set[str] | None = None) -> Iterator[ShardSample]:
     """The ``split`` ("train" / "test") samples for ``cfg``, deterministic in ``cfg.seed``.
 
-    Scenes whose fingerprint is in ``exclude`` are passed over (keeps test scenes out of train).
+    Scenes whose fingerprint is in ``exclude`` are passed over (keeps test scenes out of train). With the
+    prior trap on (``cfg.count_prior_answer``) only the train split's count answers are skewed, and every
+    sample's ``extra`` holds its ``subset`` tag (``subset_tag``).
     """
     num = {"train": cfg.num_train, "test": cfg.num_test}[split]
     rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, ("train", "test").index(split)]))
     level = LEVELS[cfg.difficulty]
     colors = list(COLORS)[: level.num_colors]
+    scenes = _scenes(cfg, split, level)
     made = attempts = 0
     while made < num:
         attempts += 1
         if attempts > 100 * num:
             raise DataError(f"synthetic {split}: cannot find {num} scenes unseen in train; lower num_test")
         kind = _pick(rng, cfg.question_types)
-        objs, question = SCENES[kind](rng, level, colors)
+        objs, question = scenes[kind](rng, level, colors)
         key = fingerprint(objs, question.text)
         if exclude is not None and key in exclude:
             continue
@@ -279,7 +326,8 @@ def generate(cfg: SyntheticConfig, split: str, exclude: set[str] | None = None) 
                 "difficulty": cfg.difficulty,
                 "fingerprint": key,
                 "objects": [dataclasses.asdict(o) for o in objs],
-            },
+            }
+            | subset_tag(cfg.count_prior_answer, question),
         )
         made += 1
 
@@ -299,6 +347,8 @@ def write_synthetic(cfg: SyntheticConfig, out_dir: str) -> dict[str, str]:
     """
     config_path = os.path.join(out_dir, "synthetic_config.json")
     wanted = dataclasses.asdict(cfg)
+    if cfg.count_prior_answer is None:  # sets written before the prior trap existed stay reusable
+        del wanted["count_prior_answer"], wanted["count_prior_fraction"]
     wanted["question_types"] = list(wanted["question_types"])
     splits = ["train"] + (["test"] if cfg.num_test else [])
     manifests = {s: os.path.join(out_dir, s, MANIFEST_NAME) for s in splits}
