@@ -206,6 +206,10 @@ class Trainer(TrainingLoop):
             "reward/format": _mean([r.format for r in rewards]),
             "response/length": _mean(lengths),
             "response/finished": _mean([float(f) for g in groups for f in g.finished]),
+            # groups whose scores differ, i.e. that carry an advantage (GRPO too: its keep_rate is 1)
+            "rollout/informative_groups": _mean(
+                [float(len({r.score for r in g.rewards}) > 1) for g in groups]
+            ),
         }
 
     def _scores(self, groups: list[Group]) -> tuple[torch.Tensor, dict[str, float]]:
