@@ -209,7 +209,7 @@ def test_dapo_fills_the_batch_across_data_parallel_ranks_with_overlong_shaping(t
     for r in rows:
         assert r["rollout/used_groups"] == 4 and r["rollout/kept_groups"] >= 4, r
         assert 0 < r["rollout/keep_rate"] < 1 and r["rollout/tries"] >= 1
-        assert 0 < r["rollout/informative_groups"] < 1  # per rank: the groups DAPO keeps
+        assert 0 < r["rollout/informative_groups"] < 1  # score == accuracy here: the groups DAPO keeps
         assert r["actor/grad_norm"] > 0 and r["actor/update_skipped"] == 0
         assert 0 < r["reward/overlong_penalized"] <= 1 and r["reward/overlong_penalty"] < 0
 
