@@ -95,16 +95,17 @@ class Policy:
         for chunk in self.model:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
-        finite: list[bool] = []
+        finite: list[torch.Tensor] = []  # kept on the device: no host sync inside the schedule
         guarded = tolerate_non_finite(loss_fn, lambda batch: {})
 
         def recorded(batch: Batch, logits: torch.Tensor) -> tuple[torch.Tensor, dict]:
             loss, outputs = guarded(batch, logits)
-            finite.append(bool(torch.isfinite(loss.detach())))
+            finite.append(torch.isfinite(loss.detach()))
             return loss, outputs
 
         outputs = run_schedule(self.model, batches, recorded, forward_only=False)
-        bad = torch.tensor([float(not all(finite)), float(not self._grads_finite())], device=current_device())
+        loss_ok = torch.stack(finite).all() if finite else torch.tensor(True)
+        bad = torch.stack([~loss_ok.to(current_device()), ~self._grads_finite()]).float()
         torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
         metrics = {
             k: sum(float(o.get(k, math.nan)) for o in outputs) / len(outputs) for k in set().union(*outputs)
@@ -119,10 +120,12 @@ class Policy:
         metrics["actor/update_skipped"] = float(not ok)
         return UpdateResult(metrics, skipped=not ok)
 
-    def _grads_finite(self) -> bool:
-        """Whether this rank's reduced gradients (megatron DDP's grad buffers) are all finite."""
+    def _grads_finite(self) -> torch.Tensor:
+        """Whether this rank's reduced gradients (megatron DDP's grad buffers) are all finite: a bool
+        tensor on the device (one host sync for the whole step, in ``train_step``)."""
         buffers = [b for chunk in self.model for b in chunk.buffers + chunk.expert_parallel_buffers]
-        return all(bool(torch.isfinite(b.grad_data).all()) for b in buffers)
+        flags = [torch.isfinite(b.grad_data).all() for b in buffers]
+        return torch.stack(flags).all() if flags else torch.tensor(True, device=current_device())
 
     def export_hf(self) -> Iterator[tuple[str, torch.Tensor]]:
         """(HF name, full tensor) pairs of the current weights; a collective: every rank must iterate."""
