@@ -117,7 +117,7 @@ def timed_step(cfg: TrainConfig, policy: RandomPolicy, seqs: StepSequences) -> t
     middle = _synchronized_time()
     update_pass(
         policy.train_step,
-        cfg.algorithm,
+        objective,
         seqs,
         sequences_per_update=trainer.update_batch_size // ps.get_data_parallel_world_size(),
         micro_batch_size=trainer.micro_batch_size,

@@ -311,7 +311,7 @@ class Trainer(TrainingLoop):
         seed = prompt_seed(cfg.trainer.seed, self.step, f"dp{self.dp_rank}")
         results = update_pass(
             self.policy.train_step,
-            cfg.algorithm,
+            self.objective,
             seqs,
             sequences_per_update=self.update_prompts_per_rank * cfg.rollout.n,
             micro_batch_size=cfg.trainer.micro_batch_size,

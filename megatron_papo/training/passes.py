@@ -19,9 +19,8 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
-from megatron_papo.objectives.registry import Objective, StepTokens, build_objective
+from megatron_papo.objectives.registry import Objective, StepTokens
 from megatron_papo.ops.vocab_parallel import log_probs_and_entropy
-from megatron_papo.papo.config import AlgorithmConfig
 from megatron_papo.training.schedule import Batch, LossFn, run_schedule, tolerate_non_finite
 from megatron_papo.training.sequences import (
     StepSequences,
@@ -99,7 +98,7 @@ def token_data_pass(
 
 def update_pass(
     train_step: TrainStep,
-    algo: AlgorithmConfig,
+    objective: Objective,
     seqs: StepSequences,
     *,
     sequences_per_update: int,
@@ -115,7 +114,7 @@ def update_pass(
         raise ValueError(f"{len(seqs)} sequences do not split into mini-batches of {sequences_per_update}")
     dp_group = ps.get_data_parallel_group()
     dp_size = dist.get_world_size(dp_group)
-    objective = build_objective(algo)
+    algo = objective.cfg
     results = []
     for _ in range(ppo_epochs):
         order = torch.randperm(len(seqs), generator=generator)
@@ -129,7 +128,7 @@ def update_pass(
             if algo.global_token_mean:
                 sft = seqs.sft_weights[chunk] if seqs.sft_weights is not None else None
                 counts = global_token_counts(algo, seqs.loss_mask[chunk], sft, dp_group)
-            loss_fn = UpdateLoss(algo, temperature, progress, len(batches), dp_size, counts)
+            loss_fn = UpdateLoss(algo, temperature, progress, len(batches), dp_size, counts, objective)
             results.append(train_step(batches, loss_fn))
     return results
 

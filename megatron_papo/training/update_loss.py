@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_papo.objectives.pieces import TokenCounts, local_token_counts
-from megatron_papo.objectives.registry import LossContext, LossInputs, build_objective
+from megatron_papo.objectives.registry import LossContext, LossInputs, Objective, build_objective
 from megatron_papo.papo.config import AlgorithmConfig
 from megatron_papo.parallel.device import current_device
 
@@ -55,11 +55,13 @@ class UpdateLoss:
     num_microbatches: int
     dp_size: int
     counts: TokenCounts | None = None
+    objective: Objective | None = None  # the caller's, built once; else built from ``algo``
 
     def __post_init__(self) -> None:
         if self.algo.global_token_mean != (self.counts is not None):
             raise ValueError("UpdateLoss: pass counts exactly when algorithm.global_token_mean is on")
-        self.objective = build_objective(self.algo)
+        if self.objective is None:
+            self.objective = build_objective(self.algo)
 
     def __call__(self, batch: dict[str, Any], logits: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
         masked_logits = None
