@@ -21,7 +21,8 @@ from megatron_papo.rollout.embedded import EmbeddedEngine
 from megatron_papo.rollout.engine import RolloutEngine
 from megatron_papo.training.optimizer import build_optimizer, distributed_optimizer_enabled
 from megatron_papo.training.passes import UpdateResult
-from megatron_papo.training.schedule import Batch, LossFn, run_schedule, tolerate_non_finite
+from megatron_papo.training.schedule import LossFn, run_schedule, tolerate_non_finite
+from megatron_papo.training.sequences import MicroBatch
 
 
 def build_rollout_engine(cfg: TrainConfig, eos_token_id: int, pad_token_id: int) -> RolloutEngine:
@@ -82,10 +83,7 @@ class Policy:
         """Multimodal RoPE positions [3, b, s] of ``input_ids`` [b, s], as transformers computes them."""
         return mrope_position_ids(input_ids, image_grid_thw, attention_mask, self.hf_config)
 
-    def forward_only(self, batches: list[Batch], loss_fn: LossFn, ref: bool = False) -> list[dict]:
-        return run_schedule(self.ref_model if ref else self.model, batches, loss_fn, forward_only=True)
-
-    def train_step(self, batches: list[Batch], loss_fn: LossFn) -> UpdateResult:
+    def train_step(self, batches: list[MicroBatch], loss_fn: LossFn) -> UpdateResult:
         """One optimizer step over ``batches``: averaged loss metrics (last stage), grad norm and LR.
 
         A non-finite loss or a NaN / inf gradient on any rank skips the step on every rank
@@ -98,7 +96,7 @@ class Policy:
         finite: list[torch.Tensor] = []  # kept on the device: no host sync inside the schedule
         guarded = tolerate_non_finite(loss_fn, lambda batch: {})
 
-        def recorded(batch: Batch, logits: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        def recorded(batch: MicroBatch, logits: torch.Tensor) -> tuple[torch.Tensor, dict]:
             loss, outputs = guarded(batch, logits)
             finite.append(torch.isfinite(loss.detach()))
             return loss, outputs

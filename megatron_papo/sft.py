@@ -20,6 +20,7 @@ from megatron_papo.parallel.device import current_device
 from megatron_papo.policy import Policy
 from megatron_papo.training.passes import token_log_probs
 from megatron_papo.training.sequences import (
+    MicroBatch,
     StepSequences,
     build_sequences,
     micro_batch,
@@ -71,10 +72,10 @@ class SFTTrainer(TrainingLoop):
         ]
         scale = len(batches) * self.dp_size / float(tokens)  # exact token mean over the global batch
 
-        def loss_fn(batch, logits):
-            lp, _ = token_log_probs(logits, batch["labels"], temperature=1.0)  # plain NLL
-            nll = -(lp * batch["loss_mask"]).sum()
-            return nll * scale, {"actor/loss": nll.detach() / batch["loss_mask"].sum().clamp(min=1)}
+        def loss_fn(batch: MicroBatch, logits: torch.Tensor) -> tuple[torch.Tensor, dict]:
+            lp, _ = token_log_probs(logits, batch.labels, temperature=1.0)  # plain NLL
+            nll = -(lp * batch.loss_mask).sum()
+            return nll * scale, {"actor/loss": nll.detach() / batch.loss_mask.sum().clamp(min=1)}
 
         result = self.policy.train_step(batches, loss_fn)
         elapsed = time.monotonic() - start

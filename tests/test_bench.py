@@ -60,9 +60,9 @@ def _flops() -> tuple[int, int, int, int]:
     batch = micro_batch(seqs, torch.arange(SEQUENCES))
     keys = ("input_ids", "position_ids", "attention_mask", "pixel_values", "image_grid_thw")
     with torch.no_grad(), FlopCounterMode(display=False) as total:
-        model(**{k: batch[k] for k in keys})
+        model(**{k: getattr(batch, k) for k in keys})
     with torch.no_grad(), FlopCounterMode(display=False) as vision:
-        model.vision(batch["pixel_values"], batch["image_grid_thw"])
+        model.vision(batch.pixel_values, batch.image_grid_thw)
     _, h, w = grid[0].tolist()
     counted_vision = SEQUENCES * vision_forward_flops(arch.vision, h, w)
     counted = forward_flops(arch, SEQUENCES, LENGTH, grid)

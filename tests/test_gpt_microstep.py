@@ -17,6 +17,7 @@ from tiny_gpt import tiny_gpt
 
 from megatron_papo.objectives.registry import StepTokens, build_objective
 from megatron_papo.papo.config import AlgorithmConfig
+from megatron_papo.training.sequences import MicroBatch, TokenData
 from megatron_papo.training.update_loss import UpdateLoss, global_token_counts
 
 SEQ, VOCAB, PROMPT = 12, 64, 4
@@ -69,11 +70,32 @@ def _loss_fn(cfg, batch, counts, num_microbatches, output):
 
 def _forward_step(cfg, counts, num_microbatches, data_iterator, model):
     batch = next(data_iterator)
-    inputs = batch["tokens"]
-    if build_objective(cfg).masked_logits_in_update:
-        inputs = torch.cat([inputs, batch["masked_tokens"]])
-    output = model(inputs, torch.arange(SEQ).expand_as(inputs), None)
+    positions = torch.arange(SEQ).expand_as(batch.input_ids)
+    output = model(batch.input_ids, positions, None)
     return output, partial(_loss_fn, cfg, batch, counts, num_microbatches)
+
+
+def _micro_batch(batch: dict[str, torch.Tensor], rows: torch.Tensor, doubled: bool) -> MicroBatch:
+    """Rows ``rows`` of ``batch`` as the trainer's ``MicroBatch``; ``doubled``: the tokens, then the
+    "masked" tokens (``update_micro_batch``'s layout)."""
+    tokens = batch["tokens"][rows]
+    if doubled:
+        tokens = torch.cat([tokens, batch["masked_tokens"][rows]])
+    return MicroBatch(
+        input_ids=tokens,
+        attention_mask=torch.ones_like(tokens),
+        position_ids=torch.arange(SEQ).expand(3, *tokens.shape),
+        pixel_values=None,
+        image_grid_thw=None,
+        labels=batch["labels"][rows],
+        loss_mask=batch["loss_mask"][rows],
+        advantages=batch["advantages"][rows],
+        token_data=TokenData(
+            old_log_probs=batch["old_log_probs"][rows],
+            masked_log_probs=batch["masked_log_probs"][rows],
+            ref_log_probs=batch["ref_log_probs"][rows],
+        ),
+    )
 
 
 def _step(model, cfg: AlgorithmConfig, micro_batch_size: int) -> list[dict]:
@@ -83,15 +105,15 @@ def _step(model, cfg: AlgorithmConfig, micro_batch_size: int) -> list[dict]:
     batch = _batch()
     n = len(RESPONSE_LENGTHS)
     rows = torch.arange(n).split(micro_batch_size)
-    micro = [{k: v[r] for k, v in batch.items()} for r in rows]
     objective = build_objective(cfg)
+    micro = [_micro_batch(batch, r, objective.masked_logits_in_update) for r in rows]
     tokens = StepTokens(
         batch["loss_mask"], batch["advantages"], batch["old_log_probs"], batch["masked_log_probs"]
     )
     prepared = objective.prepare(tokens, micro_batch_size, None)  # every rank runs the whole batch
     if prepared is not None:
         for m, r in zip(micro, rows, strict=True):
-            m["prepared"] = prepared.select(r)
+            m.prepared = prepared.select(r)
     counts = global_token_counts(cfg, batch["loss_mask"], None, None) if cfg.global_token_mean else None
     model.zero_grad(set_to_none=True)
     return get_forward_backward_func()(

@@ -225,7 +225,7 @@ def _policy_gradients(hf_dir: str, data: dict, old_log_probs: list[torch.Tensor]
     mine = [torch.tensor(m) for m in MICRO_BATCHES][dp_rank::dp]  # DP=2: one micro-batch per rank
 
     def log_probs_fn(batch, logits):  # the trainer's forward-only log-prob pass
-        lp, _ = token_log_probs(logits, batch["labels"], TEMPERATURE)
+        lp, _ = token_log_probs(logits, batch.labels, TEMPERATURE)
         return torch.zeros(()), {"log_probs": lp.detach()}
 
     masked_lp = run_schedule(
@@ -253,7 +253,7 @@ def _policy_gradients(hf_dir: str, data: dict, old_log_probs: list[torch.Tensor]
         outputs = run_schedule(policy.model, batches, loss_fn, forward_only=False)
         out[kind] = dict(
             # once per DP rank (TP peers repeat them)
-            doubled=[tuple(b["input_ids"].shape) for b in batches] if tp_rank == 0 else [],
+            doubled=[tuple(b.input_ids.shape) for b in batches] if tp_rank == 0 else [],
             losses=[float(o["returned_loss"]) for o in outputs] if tp_rank == 0 else [],
             actor_losses=[float(o["actor/loss"]) for o in outputs] if tp_rank == 0 else [],
             main_grads={n: p.main_grad.detach().clone() for n, p in policy.module.named_parameters()},

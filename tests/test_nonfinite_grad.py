@@ -48,8 +48,8 @@ def _steps(model: str, run_dir: str) -> list[dict]:
     batch = micro_batch(seqs, torch.arange(2))
 
     def loss_fn(batch, logits):  # a finite NLL: only the injected gradient is NaN
-        lp, _ = token_log_probs(logits, batch["labels"], 1.0)
-        loss = -(lp * batch["loss_mask"]).sum() / batch["loss_mask"].sum()
+        lp, _ = token_log_probs(logits, batch.labels, 1.0)
+        loss = -(lp * batch.loss_mask).sum() / batch.loss_mask.sum()
         return loss, {"actor/loss": loss.detach()}
 
     named = [(n, p) for n, p in policy.model[0].named_parameters() if p.requires_grad]

@@ -71,13 +71,13 @@ def test_micro_batches_carry_their_images_in_order():
     seqs, _, _ = _example()
     seqs.token_data.old_log_probs = torch.arange(24.0).view(3, 8)
     batch = micro_batch(seqs, torch.tensor([2, 0]))
-    assert batch["input_ids"].shape == (2, 8) and batch["position_ids"].shape == (3, 2, 8)
-    assert torch.equal(batch["pixel_values"], seqs.pixel_values[0])  # sequence 2 has no image
-    assert torch.equal(batch["old_log_probs"][0], torch.arange(16.0, 24.0))
+    assert batch.input_ids.shape == (2, 8) and batch.position_ids.shape == (3, 2, 8)
+    assert torch.equal(batch.pixel_values, seqs.pixel_values[0])  # sequence 2 has no image
+    assert torch.equal(batch.token_data.old_log_probs[0], torch.arange(16.0, 24.0))
     masked = micro_batch(seqs, torch.tensor([0, 1]), masked=True)
-    assert masked["pixel_values"].shape == (8, 3) and float(masked["pixel_values"].abs().sum()) == 0
-    assert torch.equal(masked["input_ids"], micro_batch(seqs, torch.tensor([0, 1]))["input_ids"])
-    assert micro_batch(seqs, torch.tensor([2]))["pixel_values"] is None
+    assert masked.pixel_values.shape == (8, 3) and float(masked.pixel_values.abs().sum()) == 0
+    assert torch.equal(masked.input_ids, micro_batch(seqs, torch.tensor([0, 1])).input_ids)
+    assert micro_batch(seqs, torch.tensor([2])).pixel_values is None
     assert [c.tolist() for c in micro_batch_indices(torch.arange(4), 2)] == [[0, 1], [2, 3]]
     with pytest.raises(ValueError, match="do not split into micro-batches of 2"):
         list(micro_batch_indices(torch.arange(3), 2))

@@ -158,7 +158,7 @@ def shaped_policy_gradient(
     )
     if not isinstance(prepared, VppoPrepared) or prepared.keep.shape != x.mask.shape:
         raise ValueError(f"objective {cfg.objective} needs its prepare() rows of this micro-batch")
-    keep = prepared.keep.to(x.mask) * x.mask  # prepared may still be on the CPU
+    keep = prepared.keep.to(x.mask) * x.mask
     alpha = prepared.alpha.to(x.lp)
     pg, metrics = policy_gradient(cfg, x, inputs.advantages.to(x.lp.dtype) * alpha, inputs.rollout_is_weights)
     pg = pg * keep

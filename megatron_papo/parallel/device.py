@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 
@@ -12,9 +10,3 @@ def current_device() -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
-
-
-def to_device(batch: dict[str, Any]) -> dict[str, Any]:
-    """``batch`` with every tensor moved to ``current_device()`` (others, e.g. None, unchanged)."""
-    device = current_device()
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}

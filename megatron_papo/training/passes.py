@@ -21,8 +21,9 @@ from megatron.core import parallel_state as ps
 
 from megatron_papo.objectives.registry import Objective, StepTokens
 from megatron_papo.ops.vocab_parallel import log_probs_and_entropy
-from megatron_papo.training.schedule import Batch, LossFn, run_schedule, tolerate_non_finite
+from megatron_papo.training.schedule import LossFn, run_schedule, tolerate_non_finite
 from megatron_papo.training.sequences import (
+    MicroBatch,
     StepSequences,
     micro_batch,
     micro_batch_indices,
@@ -39,7 +40,7 @@ class UpdateResult:
     skipped: bool
 
 
-TrainStep = Callable[[list[Batch], LossFn], UpdateResult]
+TrainStep = Callable[[list[MicroBatch], LossFn], UpdateResult]
 
 
 def token_log_probs(
@@ -62,12 +63,12 @@ def log_prob_pass(
     order = torch.arange(len(seqs))
     batches = [micro_batch(seqs, idx, masked=masked) for idx in micro_batch_indices(order, micro_batch_size)]
 
-    def loss_fn(batch: Batch, logits: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        lp, _ = token_log_probs(logits, batch["labels"], temperature)
+    def loss_fn(batch: MicroBatch, logits: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        lp, _ = token_log_probs(logits, batch.labels, temperature)
         return torch.zeros(()), {"log_probs": lp.detach()}
 
-    def diverged(batch: Batch) -> dict:
-        return {"log_probs": torch.full(batch["labels"].shape, math.nan)}
+    def diverged(batch: MicroBatch) -> dict:
+        return {"log_probs": torch.full(batch.labels.shape, math.nan)}
 
     outputs = run_schedule(model, batches, tolerate_non_finite(loss_fn, diverged), forward_only=True)
     if not outputs:
@@ -137,12 +138,12 @@ def _attach_prepared(
     objective: Objective,
     seqs: StepSequences,
     chunk: torch.Tensor,
-    batches: list[Batch],
+    batches: list[MicroBatch],
     micro_batch_size: int,
     dp_group: dist.ProcessGroup,
 ) -> None:
     """The objective's ``prepare`` over one mini-batch's rows ``chunk`` [n] (last pipeline stage: a
-    collective over its DP group), each micro-batch given its rows as ``batch["prepared"]``."""
+    collective over its DP group), each micro-batch given its rows as ``batch.prepared``."""
     if not ps.is_pipeline_last_stage():
         return
     data = seqs.token_data
@@ -152,4 +153,4 @@ def _attach_prepared(
     if prepared is None:
         return
     for j, batch in enumerate(batches):
-        batch["prepared"] = prepared.select(torch.arange(j * micro_batch_size, (j + 1) * micro_batch_size))
+        batch.prepared = prepared.select(torch.arange(j * micro_batch_size, (j + 1) * micro_batch_size))

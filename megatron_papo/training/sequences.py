@@ -10,9 +10,13 @@ prompt share one tensor, and a micro-batch concatenates the images of its sequen
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
+
+if TYPE_CHECKING:
+    from megatron_papo.objectives.registry import Prepared
 
 
 @dataclass
@@ -31,9 +35,18 @@ class TokenData:
     rollout_log_probs: torch.Tensor | None = None
     rollout_is_weights: torch.Tensor | None = None
 
-    def present(self) -> dict[str, torch.Tensor]:
-        """The computed values by field name (a micro-batch carries them under these names)."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+    def select(self, index: torch.Tensor) -> TokenData:
+        """The rows ``index`` ([b] int64) of every computed value."""
+        return map_tensors(self, lambda x: x[index])
+
+
+T = TypeVar("T")
+
+
+def map_tensors(obj: T, fn: Callable[[torch.Tensor], torch.Tensor]) -> T:
+    """A copy of dataclass ``obj`` with ``fn`` applied to every tensor field (None fields stay None)."""
+    values = {f.name: getattr(obj, f.name) for f in fields(obj)}
+    return replace(obj, **{k: fn(v) for k, v in values.items() if isinstance(v, torch.Tensor)})
 
 
 @dataclass
@@ -147,51 +160,74 @@ def _cat_images(images: list[torch.Tensor | None]) -> torch.Tensor | None:
     return torch.cat(present) if present else None
 
 
-def micro_batch(
-    seqs: StepSequences, index: torch.Tensor, masked: bool = False
-) -> dict[str, torch.Tensor | None]:
-    """The model inputs and per-token data of sequences ``index`` ([b] int64), in that order.
+@dataclass
+class MicroBatch:
+    """One micro-batch of ``b`` sequences: the model inputs and the loss's per-sequence data.
 
-    ``masked``: the masked images instead of the originals (same tokens and positions). Keys:
-    input_ids, attention_mask, labels, loss_mask [b, L]; position_ids [3, b, L]; pixel_values
-    [sum n_patches, 3*2*14*14] | None; image_grid_thw [sum n_images, 3] | None; advantages [b]; and each
-    ``token_data`` entry [b, L].
+    input_ids, attention_mask: [b, L] ([2b, L] when doubled: the original images' sequences, then the same
+    tokens with the masked images); position_ids: [3, b, L] (likewise [3, 2b, L]); pixel_values:
+    [sum n_patches, 3*2*14*14] | None; image_grid_thw: [sum n_images, 3] | None; labels, loss_mask:
+    [b, L]; advantages: [b]; sft_weights: [b] | None; token_data: each value [b, L]; prepared: this
+    micro-batch's rows of the objective's ``prepare`` (the update pass, last pipeline stage) or None.
     """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor
+    pixel_values: torch.Tensor | None
+    image_grid_thw: torch.Tensor | None
+    labels: torch.Tensor
+    loss_mask: torch.Tensor
+    advantages: torch.Tensor
+    sft_weights: torch.Tensor | None = None
+    token_data: TokenData = field(default_factory=TokenData)
+    prepared: Prepared | None = None
+
+    def to(self, device: torch.device | str) -> MicroBatch:
+        """Every tensor, ``token_data``'s and ``prepared``'s included, on ``device``."""
+
+        def move(x: torch.Tensor) -> torch.Tensor:
+            return x.to(device, non_blocking=True)
+
+        batch = map_tensors(self, move)
+        batch.token_data = map_tensors(self.token_data, move)
+        if self.prepared is not None:
+            batch.prepared = map_tensors(self.prepared, move)
+        return batch
+
+
+def micro_batch(seqs: StepSequences, index: torch.Tensor, masked: bool = False) -> MicroBatch:
+    """The sequences ``index`` ([b] int64), in that order; ``masked``: with the masked images instead of
+    the originals (same tokens and positions)."""
     idx = index.tolist()
     images = seqs.masked_pixel_values if masked else seqs.pixel_values
-    batch = {
-        "input_ids": seqs.input_ids[index],
-        "attention_mask": seqs.attention_mask[index],
-        "labels": seqs.labels[index],
-        "loss_mask": seqs.loss_mask[index],
-        "position_ids": seqs.position_ids[:, index],
-        "pixel_values": _cat_images([images[i] for i in idx]),
-        "image_grid_thw": _cat_images([seqs.image_grid_thw[i] for i in idx]),
-        "advantages": seqs.advantages[index],
-    }
-    if seqs.sft_weights is not None:
-        batch["sft_weights"] = seqs.sft_weights[index]
-    batch.update({k: v[index] for k, v in seqs.token_data.present().items()})
-    return batch
+    return MicroBatch(
+        input_ids=seqs.input_ids[index],
+        attention_mask=seqs.attention_mask[index],
+        position_ids=seqs.position_ids[:, index],
+        pixel_values=_cat_images([images[i] for i in idx]),
+        image_grid_thw=_cat_images([seqs.image_grid_thw[i] for i in idx]),
+        labels=seqs.labels[index],
+        loss_mask=seqs.loss_mask[index],
+        advantages=seqs.advantages[index],
+        sft_weights=seqs.sft_weights[index] if seqs.sft_weights is not None else None,
+        token_data=seqs.token_data.select(index),
+    )
 
 
-def update_micro_batch(
-    seqs: StepSequences, index: torch.Tensor, with_masked: bool
-) -> dict[str, torch.Tensor | None]:
+def update_micro_batch(seqs: StepSequences, index: torch.Tensor, with_masked: bool) -> MicroBatch:
     """``micro_batch`` for the update pass; ``with_masked`` (``masked_grad``): the model inputs doubled,
-    the original images' sequences [b] then the same tokens with the masked images [b], in one forward
-    (input_ids, attention_mask [2b, L]; position_ids [3, 2b, L]; images concatenated likewise); per-token
-    data stays [b, L]."""
+    the original images' sequences then the same tokens with the masked images, in one forward."""
     batch = micro_batch(seqs, index)
     if not with_masked:
         return batch
     masked = micro_batch(seqs, index, masked=True)
-    for key in ("input_ids", "attention_mask"):
-        batch[key] = torch.cat([batch[key], masked[key]])
-    batch["position_ids"] = torch.cat([batch["position_ids"], masked["position_ids"]], dim=1)
-    if batch["pixel_values"] is not None:
-        batch["pixel_values"] = torch.cat([batch["pixel_values"], masked["pixel_values"]])
-        batch["image_grid_thw"] = torch.cat([batch["image_grid_thw"], masked["image_grid_thw"]])
+    batch.input_ids = torch.cat([batch.input_ids, masked.input_ids])
+    batch.attention_mask = torch.cat([batch.attention_mask, masked.attention_mask])
+    batch.position_ids = torch.cat([batch.position_ids, masked.position_ids], dim=1)
+    if batch.pixel_values is not None:
+        batch.pixel_values = torch.cat([batch.pixel_values, masked.pixel_values])
+        batch.image_grid_thw = torch.cat([batch.image_grid_thw, masked.image_grid_thw])
     return batch
 
 

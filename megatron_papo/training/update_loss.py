@@ -21,6 +21,7 @@ from megatron_papo.objectives.pieces import TokenCounts, local_token_counts
 from megatron_papo.objectives.registry import LossContext, LossInputs, Objective, build_objective
 from megatron_papo.papo.config import AlgorithmConfig
 from megatron_papo.parallel.device import current_device
+from megatron_papo.training.sequences import MicroBatch
 
 
 def global_token_counts(
@@ -41,12 +42,9 @@ def global_token_counts(
 class UpdateLoss:
     """``loss_fn(batch, logits)`` for ``Policy.train_step``: one optimizer step's micro-batches.
 
-    ``counts``: the mini-batch's ``TokenCounts`` when ``algo.global_token_mean`` (else None).
-    ``batch`` holds labels, loss_mask, advantages, old_log_probs and optional masked_log_probs,
-    ref_log_probs, rollout_is_weights, sft_weights (``training.sequences.micro_batch``) and ``prepared``
-    (this micro-batch's rows of the objective's ``prepare``, for objectives that have one). When the
+    ``counts``: the mini-batch's ``TokenCounts`` when ``algo.global_token_mean`` (else None). When the
     objective's ``masked_logits_in_update`` the logits [2b, s, vocab/tp] are the original then the masked
-    images.
+    images (``update_micro_batch``).
     """
 
     algo: AlgorithmConfig
@@ -63,24 +61,25 @@ class UpdateLoss:
         if self.objective is None:
             self.objective = build_objective(self.algo)
 
-    def __call__(self, batch: dict[str, Any], logits: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+    def __call__(self, batch: MicroBatch, logits: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
         masked_logits = None
         if self.objective.masked_logits_in_update:
             logits, masked_logits = logits.chunk(2, dim=0)
+        data = batch.token_data
         inputs = LossInputs(
             logits,
-            batch["labels"],
-            batch["loss_mask"],
-            batch["advantages"],
-            batch["old_log_probs"],
+            batch.labels,
+            batch.loss_mask,
+            batch.advantages,
+            data.old_log_probs,
             masked_logits=masked_logits,
-            masked_log_probs=batch.get("masked_log_probs"),
-            ref_log_probs=batch.get("ref_log_probs"),
-            sft_weights=batch.get("sft_weights"),
-            rollout_is_weights=batch.get("rollout_is_weights"),
+            masked_log_probs=data.masked_log_probs,
+            ref_log_probs=data.ref_log_probs,
+            sft_weights=batch.sft_weights,
+            rollout_is_weights=data.rollout_is_weights,
         )
         ctx = LossContext(self.temperature, self.progress, self.counts)
-        loss, metrics = self.objective.loss(inputs, ctx, batch.get("prepared"))
+        loss, metrics = self.objective.loss(inputs, ctx, batch.prepared)
         if self.counts is not None:  # undo the schedule's and DDP's averaging
             loss = loss * (self.num_microbatches * self.dp_size)
             metrics["actor/loss"] = loss.detach()
