@@ -1,9 +1,10 @@
 """The objectives beyond PAPO (``vppo``, ``papo_vppo``) against float64 single-process math written from
 their formulas (``docs/objectives.md``), at TP = 1 and 2; VPPO's ``prepare`` DP-invariant in its default
-scope; a TP=2 x PP=2 micro-step of a megatron-core GPT with ``vppo`` equal to TP=1. One spawn of four
-processes runs every distributed check."""
+scope; TP=2 x PP=2 micro-steps of a megatron-core GPT with ``vppo`` and with ``papo_vppo`` (masked branch
+with gradient) equal to TP=1. One spawn of four processes runs every distributed check."""
 
 import math
+import os
 
 import pytest
 import torch
@@ -31,7 +32,17 @@ CONFIGS = {
         name="papo_g", objective="papo_vppo", gamma=0.5, masked_grad=True, vppo_tas_scope="rank_micro_batch"
     ),
 }
-MICROSTEP = AlgorithmConfig(name="dapo", objective="vppo", vppo_top_k=0.5, global_token_mean=True)
+MICROSTEPS = {
+    "vppo": AlgorithmConfig(name="dapo", objective="vppo", vppo_top_k=0.5, global_token_mean=True),
+    "papo_vppo": AlgorithmConfig(
+        name="papo_g",
+        objective="papo_vppo",
+        gamma=0.2,
+        masked_grad=True,
+        vppo_top_k=0.5,
+        global_token_mean=True,
+    ),
+}
 
 
 def _inputs(dtype=torch.float64):
@@ -176,7 +187,7 @@ def _dp_prepare(scope: str, dp_rank: int, group) -> tuple[torch.Tensor, object]:
 
 def _distributed(root: str) -> dict:
     """World of 4. TP=2 x DP=2: the objectives on vocab shards, and prepare split over the DP ranks;
-    then the VPPO micro-step (TP=1 reference, TP=2 x PP=2)."""
+    then the micro-steps (TP=1 reference, TP=2 x PP=2)."""
     from megatron.core import parallel_state as ps
 
     tp_rank, dp_rank = ps.get_tensor_model_parallel_rank(), ps.get_data_parallel_rank()
@@ -186,7 +197,7 @@ def _distributed(root: str) -> dict:
         "dp": {scope: _dp_prepare(scope, dp_rank, group) for scope in ("batch", "rank_micro_batch")},
     }
     _relayout(1, 1)
-    return out | {"microstep": _run(root, MICROSTEP)}
+    return out | {name: _run(os.path.join(root, name), cfg) for name, cfg in MICROSTEPS.items()}
 
 
 @pytest.fixture(scope="module")
@@ -221,8 +232,9 @@ def test_vppo_prepare_is_dp_invariant_in_batch_scope(distributed):
         assert not torch.allclose(per_rank.alpha, mine.alpha)
 
 
-def test_vppo_tp2_pp2_microstep_equals_tp1(distributed):
-    check_microstep([result["microstep"] for result in distributed])
+@pytest.mark.parametrize("objective", sorted(MICROSTEPS))
+def test_tp2_pp2_microstep_equals_tp1(distributed, objective):
+    check_microstep([result[objective] for result in distributed])
 
 
 def test_needs_registry_and_config_errors():
