@@ -17,6 +17,8 @@ class RolloutConfig:
     reload from; needs storage both see) or ``broadcast`` (straight into the servers' workers over NCCL or
     gloo; servers started with ``--weight-sync broadcast``; ``vllm_sync_host``: the address they reach the
     trainer at, default this machine's address on the route to each server). See docs/vllm.md.
+    ``embedded_batch_prompts``: prompts the embedded engine generates in one batch (1: each prompt alone,
+    its samples independent of the layout; more: faster, see ``rollout.embedded``).
     ``tis_cap``: truncated importance sampling of the policy-gradient term by
     ``min(pi_old / pi_rollout, tis_cap)`` per token (off when None; needs the vllm backend's log-probs).
     """
@@ -30,6 +32,7 @@ class RolloutConfig:
     vllm_weight_sync: Literal["directory", "broadcast"] = "directory"
     vllm_sync_host: str | None = None
     tis_cap: float | None = None
+    embedded_batch_prompts: int = 1
 
     def __post_init__(self) -> None:
         check_choices(self, "rollout")
@@ -39,6 +42,10 @@ class RolloutConfig:
             raise ValueError(f"rollout.temperature must be > 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"rollout.top_p must be in (0, 1], got {self.top_p}")
+        if self.embedded_batch_prompts < 1:
+            raise ValueError(
+                f"rollout.embedded_batch_prompts must be >= 1, got {self.embedded_batch_prompts}"
+            )
         if self.max_new_tokens < 1:
             raise ValueError(f"rollout.max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.backend == "vllm" and not self.vllm_urls:
