@@ -207,6 +207,12 @@ def test_prior_trap_skews_train_counts_only_and_tags_every_sample():
         assert hashlib.sha256(keys.encode()).hexdigest()[:16] == digest
     with pytest.raises(DataError, match="count_prior_answer 4 is not a count of difficulty 1"):
         next(generate(dataclasses.replace(PRIOR, count_prior_answer=4), "train"))
+    # an i.i.d. test split: the same skew as train, the same tags
+    iid = _count_answers(generate(dataclasses.replace(PRIOR, count_prior_in_test=True), "test"))
+    for answer, p in expected["train"].items():
+        assert abs(iid.count(answer) / len(iid) - p) < 4 * (p * (1 - p) / len(iid)) ** 0.5
+    with pytest.raises(ValueError, match="count_prior_in_test needs synthetic.count_prior_answer"):
+        dataclasses.replace(plain, count_prior_in_test=True)
 
 
 def test_eval_tally_per_subset_adds_up():

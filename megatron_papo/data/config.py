@@ -30,9 +30,10 @@ class SyntheticConfig:
 
     Prior trap (off by default): with ``count_prior_answer`` set, a ``count_prior_fraction`` share of the
     TRAIN split's count questions has that answer (the rest spread evenly over the other counts), while the
-    test split stays uniform; every sample is tagged ``extra["subset"]``: ``prior_consistent`` /
-    ``prior_violating`` (a count question whose answer is / is not the prior) or ``other``. A policy that
-    answers from the language prior scores well on train-like items and badly on the violating ones.
+    test split stays uniform, or follows the same prior with ``count_prior_in_test`` (an i.i.d. test split);
+    every sample is tagged ``extra["subset"]``: ``prior_consistent`` / ``prior_violating`` (a count
+    question whose answer is / is not the prior) or ``other``. A policy that answers from the language
+    prior scores well on train-like items and badly on the violating ones.
     """
 
     num_train: int = 2000
@@ -44,6 +45,7 @@ class SyntheticConfig:
     samples_per_shard: int = 500
     count_prior_answer: int | None = None
     count_prior_fraction: float = 0.7
+    count_prior_in_test: bool = False
 
     def __post_init__(self) -> None:
         _require(self.num_train >= 1, f"synthetic.num_train must be >= 1, got {self.num_train}")
@@ -69,6 +71,10 @@ class SyntheticConfig:
         _require(
             self.count_prior_answer is None or "count" in self.question_types,
             "synthetic.count_prior_answer needs 'count' in synthetic.question_types",
+        )
+        _require(
+            self.count_prior_answer is not None or not self.count_prior_in_test,
+            "synthetic.count_prior_in_test needs synthetic.count_prior_answer",
         )
         _require(
             0.0 <= self.count_prior_fraction <= 1.0,

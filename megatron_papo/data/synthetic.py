@@ -275,8 +275,9 @@ def subset_tag(prior_answer: int | None, question: Question) -> dict[str, str]:
 
 
 def _scenes(cfg: SyntheticConfig, split: str, level: Level) -> dict[str, SceneBuilder]:
-    """The scene builders of ``split``: the train split's count questions follow the prior trap if set."""
-    if split != "train" or cfg.count_prior_answer is None:
+    """The scene builders of ``split``: the train split's count questions follow the prior trap if set, the
+    test split's too with ``count_prior_in_test``."""
+    if cfg.count_prior_answer is None or (split == "test" and not cfg.count_prior_in_test):
         return SCENES
     if not 0 <= cfg.count_prior_answer <= level.max_count:
         raise DataError(
@@ -291,8 +292,8 @@ def generate(cfg: SyntheticConfig, split: str, exclude: set[str] | None = None) 
     """The ``split`` ("train" / "test") samples for ``cfg``, deterministic in ``cfg.seed``.
 
     Scenes whose fingerprint is in ``exclude`` are passed over (keeps test scenes out of train). With the
-    prior trap on (``cfg.count_prior_answer``) only the train split's count answers are skewed, and every
-    sample's ``extra`` holds its ``subset`` tag (``subset_tag``).
+    prior trap on (``cfg.count_prior_answer``) the train split's count answers are skewed (the test split's
+    too with ``cfg.count_prior_in_test``), and every sample's ``extra`` holds its ``subset`` tag.
     """
     num = {"train": cfg.num_train, "test": cfg.num_test}[split]
     rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, ("train", "test").index(split)]))
@@ -347,8 +348,11 @@ def write_synthetic(cfg: SyntheticConfig, out_dir: str) -> dict[str, str]:
     """
     config_path = os.path.join(out_dir, "synthetic_config.json")
     wanted = dataclasses.asdict(cfg)
-    if cfg.count_prior_answer is None:  # sets written before the prior trap existed stay reusable
+    # sets written before the prior-trap options existed stay reusable
+    if cfg.count_prior_answer is None:
         del wanted["count_prior_answer"], wanted["count_prior_fraction"]
+    if not cfg.count_prior_in_test:
+        del wanted["count_prior_in_test"]
     wanted["question_types"] = list(wanted["question_types"])
     splits = ["train"] + (["test"] if cfg.num_test else [])
     manifests = {s: os.path.join(out_dir, s, MANIFEST_NAME) for s in splits}
