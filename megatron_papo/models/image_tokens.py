@@ -1,8 +1,12 @@
-"""Checking that a batch's image placeholder tokens match its image grids."""
+"""The vision special tokens of a Qwen2.5-VL config, and checking that a batch's image placeholder tokens
+match its image grids."""
 
 from __future__ import annotations
 
 import torch
+
+# the Qwen2.5-VL config fields of the vision special tokens: image and video placeholders, vision start / end
+VISION_TOKEN_FIELDS = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
 
 
 def check_image_tokens(

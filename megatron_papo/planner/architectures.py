@@ -188,6 +188,8 @@ class ModelArch:
         (also BOS)."""
         from transformers import Qwen2_5_VLConfig
 
+        from megatron_papo.models.image_tokens import VISION_TOKEN_FIELDS
+
         lm, top = self.language, self.language.vocab_size
         half = lm.head_dim // 2  # rotary frequencies, split over (temporal, height, width) as Qwen's
         mrope = [half // 4, (half - half // 4) // 2, half - half // 4 - (half - half // 4) // 2]
@@ -199,12 +201,11 @@ class ModelArch:
             pad_token_id=top - 6,
             bos_token_id=top - 6,
         )
-        ids = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
         return Qwen2_5_VLConfig(
             text_config=text,
             vision_config={theirs: getattr(self.vision, ours) for ours, theirs in _VISION_HF.items()},
             tie_word_embeddings=lm.tie_embeddings,
-            **{key: top - 1 - i for i, key in enumerate(ids)},
+            **{key: top - 1 - i for i, key in enumerate(VISION_TOKEN_FIELDS)},
         )
 
 

@@ -10,8 +10,7 @@ from typing import Protocol
 import torch
 from PIL import Image
 
-# the Qwen2.5-VL config fields of the vision special tokens: image and video placeholders, vision start / end
-VISION_TOKEN_FIELDS = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
+from megatron_papo.models.image_tokens import VISION_TOKEN_FIELDS
 
 
 def vision_token_ids(hf_config) -> list[int]:
