@@ -44,10 +44,10 @@ def describe_run(cfg: TrainConfig, headline: str, hf_config, launch: LaunchEnv, 
     logs = os.path.dirname(run_log_path(out, 0))
     return [
         f"megatron-papo: {headline}",
-        f"  model    {cfg.model.hf_path}: Qwen2.5-VL, language {text.num_hidden_layers} layers x "
-        f"{text.hidden_size}, vision {vision.depth} layers x {vision.hidden_size}, {cfg.model.dtype}",
-        f"  layout   {launch.world_size} processes ({launch.launcher}; {backend}): "
-        f"TP {tp} x PP {pp} x DP {dp}",
+        f"  model    {cfg.model.hf_path}: Qwen2.5-VL (language {text.num_hidden_layers} layers, hidden "
+        f"{text.hidden_size}; vision {vision.depth} layers, hidden {vision.hidden_size}), {cfg.model.dtype}",
+        f"  layout   {launch.world_size} process{'es' if launch.world_size > 1 else ''} "
+        f"({launch.launcher}; {backend}): TP {tp} x PP {pp} x DP {dp}",
         f"  data     {_data(cfg, out)}",
         f"  rollout  {_rollout(cfg)}",
         f"  output   {out}: metrics.jsonl"

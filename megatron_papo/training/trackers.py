@@ -22,12 +22,11 @@ from megatron_papo.config_io import check_choices
 RUN_IDS = "trackers.json"
 
 
-def require_package(module: str, section: str) -> None:
-    """Raise ``ValueError`` naming the extra to install when ``module`` cannot be imported."""
+def require_package(module: str) -> None:
+    """Raise ``ValueError`` naming the extra to install when ``module`` cannot be imported (the config
+    loader prefixes the section)."""
     if importlib.util.find_spec(module) is None:
-        raise ValueError(
-            f"{section}.enabled=true needs the {module} package: pip install 'megatron-papo[trackers]'"
-        )
+        raise ValueError(f"enabled=true needs the {module} package: pip install 'megatron-papo[trackers]'")
 
 
 @dataclass
@@ -50,11 +49,11 @@ class WandbConfig:
         check_choices(self, "logging.wandb")
         if self.image_interval < 0 or self.image_prompts < 1:
             raise ValueError(
-                f"logging.wandb: need image_interval >= 0 and image_prompts >= 1, got "
+                f"need image_interval >= 0 and image_prompts >= 1, got "
                 f"{self.image_interval} and {self.image_prompts}"
             )
         if self.enabled:
-            require_package("wandb", "logging.wandb")
+            require_package("wandb")
 
 
 @dataclass
@@ -73,7 +72,7 @@ class MlflowConfig:
 
     def __post_init__(self) -> None:
         if self.enabled:
-            require_package("mlflow", "logging.mlflow")
+            require_package("mlflow")
 
 
 @dataclass
