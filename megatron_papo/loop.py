@@ -74,7 +74,7 @@ class TrainingLoop:
         self.dp_rank, self.dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
         self.out_dir = cfg.trainer.output_dir
         backend = f"{current_device().type}, {dist.get_backend()}"
-        for line in describe_run(cfg, self.headline(), hf_config, launch, backend):
+        for line in describe_run(cfg, self.headline(), hf_config, launch, backend, self.rolls_out()):
             self.log(line)
         self.prompts = PromptSource(
             cfg.model.hf_path, cfg.data, cfg.masking, cfg.reward, self.out_dir, self.dp_rank, self.dp_size
@@ -112,6 +112,10 @@ class TrainingLoop:
     def headline(self) -> str:
         """What the run does, for its first console line."""
         raise NotImplementedError
+
+    def rolls_out(self) -> bool:
+        """Whether the run generates responses (its first console lines say with what)."""
+        return True
 
     def build(self) -> None:
         raise NotImplementedError

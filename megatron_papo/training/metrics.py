@@ -22,6 +22,7 @@ CONSOLE_METRICS = {
     "papo/entropy_sample": "entropy",
     "papo/masked_entropy_sample": "masked_entropy",
     "actor/pg_clipfrac": "clip_frac",
+    "actor/loss": "loss",
     "actor/grad_norm": "grad_norm",
     "eval/accuracy": "eval_accuracy",
     "eval/masked_accuracy": "eval_masked_accuracy",
