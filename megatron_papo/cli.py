@@ -7,7 +7,7 @@ import os
 import sys
 from typing import TYPE_CHECKING
 
-from megatron_papo.console import debug_mode, log_to_file, quiet_libraries, run_log_path
+from megatron_papo.console import debug_mode, log_to_file, quiet_libraries, quiet_transformers, run_log_path
 
 if TYPE_CHECKING:
     from megatron_papo.config import TrainConfig
@@ -23,6 +23,7 @@ def _load_config(args: argparse.Namespace, overrides: list[str]) -> TrainConfig:
     from megatron_papo.config import load_train_config
     from megatron_papo.parallel import read_launch_env
 
+    quiet_transformers()
     cfg = load_train_config(args.config, overrides)
     log_to_file(run_log_path(cfg.trainer.output_dir, read_launch_env().rank))
     return cfg

@@ -2,7 +2,8 @@
 
 megatron-core and transformers report their set-up (megatron-core's DDP and optimizer config dumps, the
 "Transformer Engine and Apex are not installed" warnings, ...) through ``logging`` and ``warnings``.
-``quiet_libraries()``, called first by the CLI, holds those records in memory; ``log_to_file(path)``, once
+``quiet_libraries()``, called first by the CLI, holds those records in memory (``quiet_transformers()``
+reroutes transformers' own logger too, for the commands that load a model); ``log_to_file(path)``, once
 the run's output directory is known, writes them and everything after them to ``path`` (one file per
 rank, ``run_log_path``). megatron-papo's own warnings (its ``megatron_papo.*`` loggers) still reach the
 console. With ``MEGATRON_PAPO_DEBUG=1`` nothing is rerouted: every record goes to the console.
@@ -43,6 +44,13 @@ def quiet_libraries() -> None:
     console.setLevel(logging.WARNING)
     console.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
     logging.getLogger("megatron_papo").addHandler(console)
+
+
+def quiet_transformers() -> None:
+    """Send transformers' records where ``quiet_libraries`` sends the others, without its progress bars
+    (nothing in ``debug_mode``)."""
+    if debug_mode():
+        return
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_default_handler()  # transformers' records reach the root logger's handlers instead
