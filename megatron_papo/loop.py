@@ -1,8 +1,9 @@
 """What every training loop shares (RL and SFT): bring-up, steps, metrics, evaluation and checkpoints.
 
-A subclass builds its ``policy`` (a ``Policy``) and implements ``train_step() -> StepOutcome``; ``run()``
-does the rest: metrics averaged over ranks and written by rank 0, periodic evaluation, atomic
-checkpoints every ``checkpoint.save_interval`` steps and at the end, resume with ``checkpoint.resume``.
+A subclass builds its ``policy`` (a ``Policy``) and implements ``headline()`` (its first console line) and
+``train_step() -> StepOutcome``; ``run()`` does the rest: metrics averaged over ranks and written by rank 0
+(JSONL, TensorBoard, W&B / MLflow), periodic evaluation, atomic checkpoints every
+``checkpoint.save_interval`` steps and at the end, resume with ``checkpoint.resume``.
 """
 
 from __future__ import annotations
