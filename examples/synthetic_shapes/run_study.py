@@ -55,6 +55,8 @@ EVAL_COLUMNS = (
     "accuracy/prior_consistent",
     "accuracy/prior_violating",
 )
+SUBSETS = ("prior_consistent", "prior_violating", "other")  # the prior trap's tags (data/synthetic.py)
+KINDS = ("accuracy", "masked_accuracy")
 TRAIN_COLUMNS = ("reward/mean", "papo/kl_prc", "papo/entropy")
 LABELS = {
     "sft": "SFT (start)",
@@ -378,6 +380,28 @@ class Report:
             lines.append("| " + " | ".join(cells) + " |")
         return lines
 
+    def subset_table(self) -> list[str]:
+        """Accuracy per prior-trap subset (``eval/accuracy/<tag>``), original and masked images; empty
+        when the task has no subsets."""
+        if "eval/prompts/other" not in self.evals.get("sft", {}):
+            return []
+        sft = self.evals["sft"]
+        counts = ", ".join(f"{round(sft[f'eval/prompts/{tag}'])} {tag}" for tag in SUBSETS)
+        lines = [
+            "Test accuracy per subset, original / masked images (mean over seeds, percent; "
+            f"{counts} prompts):",
+            "",
+            "| method | " + " | ".join(f"{tag} (orig. / masked)" for tag in SUBSETS) + " |",
+            "|---" * (len(SUBSETS) + 1) + "|",
+        ]
+        for method, runs in self.groups.items():
+            cells = []
+            for tag in SUBSETS:
+                pair = [self.eval_stats(runs, f"eval/{kind}/{tag}") for kind in KINDS]
+                cells.append(" / ".join("-" if x is None else f"{100 * x[0]:.1f}" for x in pair))
+            lines.append(f"| {LABELS.get(method, method)} | " + " | ".join(cells) + " |")
+        return lines
+
     def per_run(self) -> list[str]:
         lines = [
             "| run | test acc. (orig.) | test acc. (masked) | format | prior-violating | "
@@ -433,6 +457,8 @@ class Report:
             *self.table(),
             "",
             *self.gains_table(),
+            "",
+            *self.subset_table(),
             "",
             *self.per_run(),
             "",
