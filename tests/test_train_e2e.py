@@ -130,6 +130,7 @@ def test_papo_raises_a_reward_the_policy_can_reach(tmp_path, tiny_model):
         tmp_path, "learn", tiny_model, 1, f"reward.function={reward}:letter_e", "optimizer.lr=3e-3",
         "trainer.steps=10", "trainer.rollout_batch_size=4", "trainer.update_batch_size=4",
         "trainer.micro_batch_size=8", "rollout.n=8", "rollout.max_new_tokens=16",
+        "rollout.embedded_batch_prompts=4",  # batched rollouts learn too
     )  # fmt: skip
     rewards = [r["reward/mean"] for r in rows]
     assert sum(rewards[-3:]) / 3 > 1.5 * sum(rewards[:3]) / 3, rewards
