@@ -1,5 +1,5 @@
-"""W&B and MLflow, offline: a real run on 2 processes stopped after step 2 and resumed for step 3, its
-tracker runs read back with W&B's and MLflow's own readers; the console around it."""
+"""W&B and MLflow, offline: a real run on 2 processes (TP=2) stopped after step 2 and resumed for step 3,
+its tracker runs read back with W&B's and MLflow's own readers; the console around it."""
 
 import glob
 import json
@@ -9,31 +9,18 @@ import sys
 
 import numpy as np
 import pytest
-from main_job import train
 from PIL import Image
 
 from megatron_papo.training.trackers import MlflowConfig, WandbConfig
 
-TRACKERS = (
-    "logging.wandb.enabled=true",
-    "logging.wandb.mode=offline",
-    "logging.wandb.project=papo-test",
-    "logging.wandb.tags=[tiny, ci]",
-    "logging.wandb.image_interval=2",
-    "logging.mlflow.enabled=true",
-    "logging.mlflow.experiment=papo-test",
-)
-
 
 @pytest.fixture(scope="module")
-def tracked(tmp_path_factory, tiny_model):
-    """(output dir, metrics.jsonl rows, first launch, resumed launch): PAPO-G at DP 2, both trackers on
-    (MLflow: the default file store in the output directory)."""
-    tmp = tmp_path_factory.mktemp("tracked")
-    first = train(tmp, "run", tiny_model, 2, *TRACKERS, "trainer.exit_after_steps=2")[1]
-    rows, resumed = train(tmp, "run", tiny_model, 2, *TRACKERS, "--resume")
+def tracked(stopped_and_resumed):
+    """(output dir, metrics.jsonl rows, first launch, resumed launch) of the stopped-and-resumed TP=2 run
+    with both trackers on (conftest.py; ``tests/test_train_e2e.py`` checks that the resume is exact)."""
+    out, rows, first, _, resumed = stopped_and_resumed
     assert [r["step"] for r in rows] == [1, 2, 3]
-    return tmp / "run", rows, first, resumed
+    return out, rows, first, resumed
 
 
 def _same(logged: float, row: float) -> bool:
@@ -108,7 +95,7 @@ def test_console_says_what_runs_where_and_library_noise_goes_to_the_log(tracked)
     out, _, first, resumed = tracked
     lines = first.stdout.splitlines()
     assert lines[0] == "megatron-papo: train papo_g (objective papo), 3 steps of 2 prompts x 2 responses"
-    assert "2 processes (torchrun; cpu, gloo): TP 1 x PP 1 x DP 2" in lines[2]
+    assert "2 processes (torchrun; cpu, gloo): TP 2 x PP 1 x DP 1" in lines[2]
     assert all(where in first.stdout for where in ("synthetic task", "embedded", f"library logs {out}/logs"))
     ids = json.loads((out / "trackers.json").read_text())
     assert f"W&B offline run {ids['wandb']}" in first.stdout and f"MLflow run {ids['mlflow']}" in first.stdout

@@ -26,13 +26,6 @@ def reference_run(tmp_path_factory, tiny_model):
     return train(tmp_path_factory.mktemp("ref"), "tp1", tiny_model)[0]
 
 
-@pytest.fixture(scope="module")
-def tp2_run(tmp_path_factory, tiny_model):
-    return train(
-        tmp_path_factory.mktemp("tp2"), "tp2", tiny_model, 2, "parallel.tensor_model_parallel_size=2"
-    )[0]
-
-
 @pytest.mark.parametrize("layout", ["tp2", "tp2xpp2"])
 def test_layouts_give_the_same_metrics(request, tmp_path, tiny_model, reference_run, layout):
     if layout == "tp2":
@@ -65,28 +58,18 @@ def test_data_parallel_run(tmp_path, tiny_model):
     assert "saved checkpoint" in result.stdout and (tmp_path / "dp" / "ckpt" / "latest").read_text() == "3"
 
 
-def test_stop_and_resume_continues_the_run(tmp_path, tiny_model, tp2_run):
-    whole = tp2_run
-    first, _ = train(
-        tmp_path,
-        "split",
-        tiny_model,
-        2,
-        "parallel.tensor_model_parallel_size=2",
-        "trainer.exit_after_steps=2",
-    )
-    assert [r["step"] for r in first] == [1, 2]
-    _, again = train(tmp_path, "split", tiny_model, 2, "parallel.tensor_model_parallel_size=2", check=False)
+def test_stop_and_resume_continues_the_run(tp2_run, stopped_and_resumed):
+    """``tp2_run``'s job stopped after step 2 (with both trackers on, conftest.py): a restart without
+    ``--resume`` is refused, ``--resume`` continues, and step 3 is bitwise the uninterrupted run's."""
+    _, resumed, first, again, result = stopped_and_resumed
+    assert "saved checkpoint" in first.stdout
     assert again.returncode != 0 and "already holds a run (step 2)" in again.stdout + again.stderr
-    resumed, result = train(
-        tmp_path, "split", tiny_model, 2, "parallel.tensor_model_parallel_size=2", "--resume"
-    )
     assert "resumed from step 2" in result.stdout and [r["step"] for r in resumed] == [1, 2, 3]
-    # weights, optimizer and scheduler state, data position, rollouts and masks are restored exactly:
-    # step 3 is bitwise the uninterrupted run's (timings aside)
+    # weights, optimizer and scheduler state, data position, rollouts and masks are restored exactly
+    # (and the trackers change nothing): step 3 is the uninterrupted run's (timings aside)
     timing = ("perf/", "rollout/time_s", "rollout/tokens_per_s")
     assert {k: v for k, v in resumed[2].items() if not k.startswith(timing)} == {
-        k: v for k, v in whole[2].items() if not k.startswith(timing)
+        k: v for k, v in tp2_run[2].items() if not k.startswith(timing)
     }
 
 
