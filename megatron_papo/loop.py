@@ -1,14 +1,15 @@
 """What every training loop shares (RL and SFT): bring-up, steps, metrics, evaluation and checkpoints.
 
-A subclass builds its ``policy`` (a ``Policy``) and implements ``train_step() -> StepOutcome``; ``run()``
-does the rest: metrics averaged over ranks and written by rank 0, periodic evaluation, atomic
-checkpoints every ``checkpoint.save_interval`` steps and at the end, resume with ``checkpoint.resume``.
+A subclass builds its ``policy`` (a ``Policy``) and implements ``headline()`` (its first console line) and
+``train_step() -> StepOutcome``; ``run()`` does the rest: metrics averaged over ranks and written by rank 0
+(JSONL, TensorBoard, W&B / MLflow), periodic evaluation, atomic checkpoints every
+``checkpoint.save_interval`` steps and at the end, resume with ``checkpoint.resume``.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch.distributed as dist
@@ -17,10 +18,13 @@ from megatron.core import parallel_state as ps
 
 from megatron_papo.config import TrainConfig
 from megatron_papo.config_io import to_dict
+from megatron_papo.data.encode import EncodedPrompt
 from megatron_papo.evaluate import evaluate
 from megatron_papo.models.config import load_hf_config
 from megatron_papo.parallel import initialize_distributed
+from megatron_papo.parallel.device import current_device
 from megatron_papo.policy import Policy
+from megatron_papo.run_summary import describe_run
 from megatron_papo.training.checkpointing import (
     check_fresh_start,
     latest_step,
@@ -29,6 +33,7 @@ from megatron_papo.training.checkpointing import (
 )
 from megatron_papo.training.metrics import MetricsLogger
 from megatron_papo.training.prompts import PromptSource
+from megatron_papo.training.trackers import InputImages, build_trackers
 
 
 def _mean(values: list[float]) -> float:
@@ -45,11 +50,12 @@ def average_over_ranks(metrics: dict[str, float]) -> dict[str, float]:
 
 @dataclass
 class StepOutcome:
-    """One step: its metrics (this rank's, to log) and whether its optimizer updates were skipped (a NaN /
-    inf loss or gradient; agreed by every rank)."""
+    """One step: its metrics (this rank's, to log), whether its optimizer updates were skipped (a NaN /
+    inf loss or gradient; agreed by every rank) and this rank's prompts (their images go to trackers)."""
 
     metrics: dict[str, float]
     skipped: bool
+    prompts: list[EncodedPrompt] = field(default_factory=list)
 
 
 class TrainingDiverged(RuntimeError):
@@ -63,11 +69,14 @@ class TrainingLoop:
 
     def __init__(self, cfg: TrainConfig) -> None:
         self.cfg = cfg
-        load_hf_config(cfg.model.hf_path)  # a wrong model path fails before any heavy work
-        initialize_distributed(cfg.parallel, seed=cfg.trainer.seed)
+        hf_config = load_hf_config(cfg.model.hf_path)  # a wrong model path fails before any heavy work
+        launch = initialize_distributed(cfg.parallel, seed=cfg.trainer.seed)
         check_fresh_start(cfg.checkpoint)
         self.dp_rank, self.dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
         self.out_dir = cfg.trainer.output_dir
+        backend = f"{current_device().type}, {dist.get_backend()}"
+        for line in describe_run(cfg, self.headline(), hf_config, launch, backend, self.rolls_out()):
+            self.log(line)
         self.prompts = PromptSource(
             cfg.model.hf_path, cfg.data, cfg.masking, cfg.reward, self.out_dir, self.dp_rank, self.dp_size
         )
@@ -79,9 +88,17 @@ class TrainingLoop:
             self.policy.sync_rollout_weights()
         self.metrics: MetricsLogger | None = None
         if dist.get_rank() == 0:
-            self.metrics = MetricsLogger(self.out_dir, cfg.trainer.steps, self.step, cfg.logging.tensorboard)
+            config = to_dict(cfg)
+            trackers = build_trackers(
+                cfg.logging.wandb, cfg.logging.mlflow, config, self.out_dir, resumed=self.step > 0
+            )
+            self.metrics = MetricsLogger(
+                self.out_dir, cfg.trainer.steps, self.step, cfg.logging.tensorboard, trackers=trackers
+            )
+            if trackers:
+                self.log("  tracking " + "; ".join(t.describe() for t in trackers))
             with open(os.path.join(self.out_dir, "config.yaml"), "w", encoding="utf-8") as f:
-                yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
+                yaml.safe_dump(config, f, sort_keys=False)
 
     def per_rank(self, prompts: int, sequences_per_prompt: int, name: str) -> int:
         """``prompts`` (global) per DP rank; they must fill whole micro-batches."""
@@ -92,6 +109,14 @@ class TrainingLoop:
                 f"split evenly over {self.dp_size} data-parallel ranks into micro-batches of {mbs}"
             )
         return prompts // self.dp_size
+
+    def headline(self) -> str:
+        """What the run does, for its first console line."""
+        raise NotImplementedError
+
+    def rolls_out(self) -> bool:
+        """Whether the run generates responses (its first console lines say with what)."""
+        return True
 
     def build(self) -> None:
         raise NotImplementedError
@@ -111,10 +136,6 @@ class TrainingLoop:
 
     def run(self) -> None:
         cfg = self.cfg
-        self.log(
-            f"{type(self).__name__}: {cfg.trainer.steps} steps; metrics and checkpoints under "
-            f"{os.path.abspath(self.out_dir)}"
-        )
         stop = False
         bad_steps = 0
         first = self.step
@@ -135,7 +156,8 @@ class TrainingLoop:
             metrics = average_over_ranks(metrics)
             stop = self.after_step(metrics) or stop
             if self.metrics is not None:
-                self.metrics.log(self.step, metrics)
+                images = self._input_images(outcome.prompts) if self.metrics.wants_images(self.step) else []
+                self.metrics.log(self.step, metrics, images)
             bad_steps = bad_steps + 1 if outcome.skipped else 0
             if bad_steps:
                 self.log(f"step {self.step}: non-finite loss or grad, update skipped ({bad_steps} in a row)")
@@ -157,6 +179,11 @@ class TrainingLoop:
                 f"checkpoints {os.path.abspath(cfg.checkpoint.dir)}"
             )
             self.metrics.close()
+
+    def _input_images(self, prompts: list[EncodedPrompt]) -> list[InputImages]:
+        """The first ``logging.wandb.image_prompts`` prompts' images at this step, original and masked."""
+        chosen = prompts[: self.cfg.logging.wandb.image_prompts]
+        return [images for p in chosen if (images := self.prompts.input_images(p, self.step)) is not None]
 
     def finish(self) -> None:
         """Called once when the last step is done (all ranks)."""

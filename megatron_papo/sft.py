@@ -32,10 +32,17 @@ from megatron_papo.training.sequences import (
 class SFTTrainer(TrainingLoop):
     """``trainer.steps`` optimizer steps of ``trainer.update_batch_size`` prompts with their solutions."""
 
+    def headline(self) -> str:
+        steps, prompts = self.cfg.trainer.steps, self.cfg.trainer.update_batch_size
+        return f"sft on the reference solutions, {steps} steps of {prompts} prompts"
+
+    def rolls_out(self) -> bool:
+        return self.cfg.eval.interval > 0  # evaluation only
+
     def build(self) -> None:
         cfg = self.cfg
         self.per_rank_prompts = self.per_rank(cfg.trainer.update_batch_size, 1, "update_batch_size")
-        self.policy = Policy(cfg, cfg.trainer.steps, with_engine=cfg.eval.interval > 0)
+        self.policy = Policy(cfg, cfg.trainer.steps, with_engine=self.rolls_out())
 
     def _batch(self) -> StepSequences:
         prompts = self.prompts.next_prompts(self.per_rank_prompts)

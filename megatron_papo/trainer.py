@@ -109,6 +109,13 @@ class Trainer(TrainingLoop):
             KLController.from_config(cfg.algorithm) if cfg.algorithm.ref_kl_in_reward else None
         )
 
+    def headline(self) -> str:
+        cfg = self.cfg
+        return (
+            f"train {cfg.algorithm.name} (objective {cfg.algorithm.objective}), {cfg.trainer.steps} steps of "
+            f"{cfg.trainer.rollout_batch_size} prompts x {cfg.rollout.n} responses"
+        )
+
     def after_step(self, metrics: dict[str, float]) -> bool:
         if not self.detector.update(metrics):
             return False
@@ -355,4 +362,4 @@ class Trainer(TrainingLoop):
             "perf/step_s": total,
             "perf/tokens_per_s": float(tokens) / total,
         }
-        return StepOutcome(metrics | perf, update.skipped)
+        return StepOutcome(metrics | perf, update.skipped, [g.prompt for g in groups])

@@ -193,12 +193,11 @@ def _policy_gradients(hf_dir: str, data: dict, old_log_probs: list[torch.Tensor]
     from megatron_papo.models import ModelConfig, export_hf_state_dict
     from megatron_papo.papo.config import AlgorithmConfig
     from megatron_papo.policy import Policy
-    from megatron_papo.training.passes import token_log_probs
+    from megatron_papo.training.passes import log_prob_pass
     from megatron_papo.training.schedule import run_schedule
     from megatron_papo.training.sequences import (
         TokenData,
         build_sequences,
-        micro_batch,
         padded_length,
         response_token_values,
         update_micro_batch,
@@ -224,13 +223,8 @@ def _policy_gradients(hf_dir: str, data: dict, old_log_probs: list[torch.Tensor]
     tp_rank = ps.get_tensor_model_parallel_rank()
     mine = [torch.tensor(m) for m in MICRO_BATCHES][dp_rank::dp]  # DP=2: one micro-batch per rank
 
-    def log_probs_fn(batch, logits):  # the trainer's forward-only log-prob pass
-        lp, _ = token_log_probs(logits, batch.labels, TEMPERATURE)
-        return torch.zeros(()), {"log_probs": lp.detach()}
-
-    masked_lp = run_schedule(
-        policy.model, [micro_batch(seqs, idx, masked=True) for idx in mine], log_probs_fn, forward_only=True
-    )
+    # the trainer's forward-only pass with the masked images, over every sequence on every rank
+    masked_lp = log_prob_pass(policy.model, seqs, len(seqs), TEMPERATURE, masked=True)
     out: dict = {}
     for kind, masked_grad in (("full", True), ("detached", False)):
         algo = AlgorithmConfig(
@@ -239,8 +233,7 @@ def _policy_gradients(hf_dir: str, data: dict, old_log_probs: list[torch.Tensor]
         # token data as the trainer leaves it: masked log-probs only in the reference default
         seqs.token_data = TokenData(old_log_probs=old)
         if not masked_grad:
-            seqs.token_data.masked_log_probs = torch.zeros_like(old)
-            seqs.token_data.masked_log_probs[torch.cat(mine)] = torch.cat([o["log_probs"] for o in masked_lp])
+            seqs.token_data.masked_log_probs = masked_lp
         batches = [update_micro_batch(seqs, idx, with_masked=algo.masked_in_update) for idx in mine]
         for chunk in policy.model:
             chunk.zero_grad_buffer()

@@ -1,4 +1,4 @@
-"""Per-step metrics to the console (progress bar with ETA), a JSONL file and TensorBoard."""
+"""Per-step metrics to the console (progress bar with ETA), a JSONL file, TensorBoard and the trackers."""
 
 from __future__ import annotations
 
@@ -7,20 +7,27 @@ import math
 import os
 import sys
 import time
+from collections.abc import Sequence
 from typing import TextIO
 
-CONSOLE_KEYS = (
-    "reward/mean",
-    "reward/accuracy",
-    "reward/format",
-    "response/length",
-    "papo/kl_prc",
-    "papo/entropy_sample",
-    "papo/masked_entropy_sample",
-    "actor/pg_clipfrac",
-    "actor/grad_norm",
-    "perf/tokens_per_s",
-)
+from megatron_papo.training.trackers import InputImages, Tracker
+
+# what the step line shows, each under a name that says what it is
+CONSOLE_METRICS = {
+    "reward/mean": "reward",
+    "reward/accuracy": "accuracy",
+    "reward/format": "format",
+    "response/length": "response_len",
+    "papo/kl_prc": "kl_prc",
+    "papo/entropy_sample": "entropy",
+    "papo/masked_entropy_sample": "masked_entropy",
+    "actor/pg_clipfrac": "clip_frac",
+    "actor/loss": "loss",
+    "actor/grad_norm": "grad_norm",
+    "eval/accuracy": "eval_accuracy",
+    "eval/masked_accuracy": "eval_masked_accuracy",
+    "perf/tokens_per_s": "tokens/s",
+}
 
 
 def _fmt_duration(seconds: float) -> str:
@@ -29,9 +36,11 @@ def _fmt_duration(seconds: float) -> str:
 
 
 class MetricsLogger:
-    """Writes ``metrics.jsonl`` and TensorBoard events under ``out_dir``; prints one line per step.
+    """Writes ``metrics.jsonl`` and TensorBoard events under ``out_dir`` and hands each step to the
+    ``trackers``; prints one line per step.
 
-    Only rank 0 should build one. ``log(step, metrics)`` takes plain floats.
+    Only rank 0 should build one. ``log(step, metrics, images)`` takes plain floats, and the input images
+    when ``wants_images(step)``.
     """
 
     def __init__(
@@ -41,6 +50,7 @@ class MetricsLogger:
         first_step: int = 0,
         tensorboard: bool = True,
         stream: TextIO = sys.stdout,
+        trackers: Sequence[Tracker] = (),
     ) -> None:
         os.makedirs(out_dir, exist_ok=True)
         self.jsonl_path = os.path.join(out_dir, "metrics.jsonl")
@@ -52,10 +62,14 @@ class MetricsLogger:
 
             self._tb = SummaryWriter(self.tb_dir)
         self.total_steps, self.first_step = total_steps, first_step
-        self.stream = stream
+        self.stream, self.trackers = stream, list(trackers)
         self._start = time.monotonic()
 
-    def log(self, step: int, metrics: dict[str, float]) -> None:
+    def wants_images(self, step: int) -> bool:
+        """Whether a tracker logs input images at ``step``."""
+        return any(t.wants_images(step) for t in self.trackers)
+
+    def log(self, step: int, metrics: dict[str, float], images: Sequence[InputImages] = ()) -> None:
         clean = {k: float(v) for k, v in sorted(metrics.items())}
         self._jsonl.write(json.dumps({"step": step, **clean}) + "\n")
         self._jsonl.flush()
@@ -64,6 +78,8 @@ class MetricsLogger:
                 if math.isfinite(v):
                     self._tb.add_scalar(k, v, step)
             self._tb.flush()
+        for tracker in self.trackers:
+            tracker.log(step, clean, list(images) if tracker.wants_images(step) else [])
         self.stream.write(self._line(step, clean) + "\n")
         self.stream.flush()
 
@@ -74,7 +90,7 @@ class MetricsLogger:
         width = 20
         filled = int(width * step / max(self.total_steps, 1))
         bar = "#" * filled + "." * (width - filled)
-        shown = " ".join(f"{k.split('/')[-1]}={metrics[k]:.4g}" for k in CONSOLE_KEYS if k in metrics)
+        shown = " ".join(f"{name}={metrics[k]:.4g}" for k, name in CONSOLE_METRICS.items() if k in metrics)
         return (
             f"[{bar}] step {step}/{self.total_steps} elapsed {_fmt_duration(elapsed)} "
             f"eta {_fmt_duration(eta)} | {shown}"
@@ -88,3 +104,5 @@ class MetricsLogger:
         self._jsonl.close()
         if self._tb is not None:
             self._tb.close()
+        for tracker in self.trackers:
+            tracker.close()

@@ -11,11 +11,12 @@ from transformers import AutoImageProcessor, AutoTokenizer
 
 from megatron_papo.data.config import DataConfig, MaskingConfig
 from megatron_papo.data.encode import EncodedPrompt
-from megatron_papo.data.masking import ImageMasker
+from megatron_papo.data.masking import ImageMasker, unpatchify
 from megatron_papo.data.reader import build_prompt_loader
 from megatron_papo.data.synthetic import write_synthetic
 from megatron_papo.rewards.config import RewardConfig
 from megatron_papo.rewards.registry import build_reward_fn
+from megatron_papo.training.trackers import InputImages
 
 
 def resolve_split(cfg: DataConfig, split: str, run_dir: str) -> str:
@@ -81,6 +82,19 @@ class PromptSource:
         if prompt.pixel_values is None or len(prompt.images) == 0:
             return []
         return self.masker.images(prompt, step)
+
+    def input_images(self, prompt: EncodedPrompt, step: int) -> InputImages | None:
+        """``prompt``'s images as the policy sees them at ``step`` (resized, un-normalised), original and
+        masked; None for a text-only prompt."""
+        masked = self.mask_images(prompt, step)
+        if masked is None:
+            return None
+        grid = prompt.image_grid_thw
+        return InputImages(
+            prompt.uid,
+            original=unpatchify(prompt.pixel_values, grid, self.image_processor),
+            masked=unpatchify(masked, grid, self.image_processor),
+        )
 
     def state_dict(self) -> dict:
         return self.loader.state_dict()
