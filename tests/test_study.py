@@ -49,6 +49,8 @@ def test_smoke_study_end_to_end(tmp_path):
     for row in ("| SFT (start) | 1 |", "| GRPO | 1 |", "| PAPO-G masked_grad | 1 |", "KL_prc-hacking demo"):
         assert row in table
     assert "| GRPO | " in table.split("Gain over the SFT start")[1]
+    per_subset = table.split("Test accuracy per subset")[1]  # a subset absent from the 4 prompts shows "-"
+    assert "| prior_consistent (orig. / masked) |" in per_subset and "| GRPO | " in per_subset
     for png in ("curves.png", "curves_s1.png", "accuracy.png", "hacking.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     papo = [

@@ -47,6 +47,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=defaults.count_prior_fraction,
         help="share of train count questions with --count-prior-answer",
     )
+    parser.add_argument(
+        "--count-prior-in-test",
+        action="store_true",
+        help="the test split follows the same prior (an i.i.d. test split)",
+    )
     return parser.parse_args(argv)
 
 

@@ -383,10 +383,10 @@ class Report:
     def subset_table(self) -> list[str]:
         """Accuracy per prior-trap subset (``eval/accuracy/<tag>``), original and masked images; empty
         when the task has no subsets."""
-        if "eval/prompts/other" not in self.evals.get("sft", {}):
+        sft = self.evals.get("sft", {})
+        if not any(f"eval/prompts/{tag}" in sft for tag in SUBSETS):
             return []
-        sft = self.evals["sft"]
-        counts = ", ".join(f"{round(sft[f'eval/prompts/{tag}'])} {tag}" for tag in SUBSETS)
+        counts = ", ".join(f"{round(sft.get(f'eval/prompts/{tag}', 0))} {tag}" for tag in SUBSETS)
         lines = [
             "Test accuracy per subset, original / masked images (mean over seeds, percent; "
             f"{counts} prompts):",
