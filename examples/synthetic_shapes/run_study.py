@@ -37,7 +37,7 @@ from safetensors import safe_open
 from megatron_papo.config import load_train_config
 from megatron_papo.config_io import load_config
 from megatron_papo.data.config import SyntheticConfig
-from megatron_papo.data.synthetic import write_synthetic
+from megatron_papo.data.synthetic import SUBSET_TAGS, write_synthetic
 from megatron_papo.models.tiny import TinyQwen25VLSpec, make_tiny_qwen25vl
 from megatron_papo.training.hacking import HackingDetector, HackingDetectorConfig
 
@@ -55,7 +55,6 @@ EVAL_COLUMNS = (
     "accuracy/prior_consistent",
     "accuracy/prior_violating",
 )
-SUBSETS = ("prior_consistent", "prior_violating", "other")  # the prior trap's tags (data/synthetic.py)
 KINDS = ("accuracy", "masked_accuracy")
 TRAIN_COLUMNS = ("reward/mean", "papo/kl_prc", "papo/entropy")
 LABELS = {
@@ -384,19 +383,19 @@ class Report:
         """Accuracy per prior-trap subset (``eval/accuracy/<tag>``), original and masked images; empty
         when the task has no subsets."""
         sft = self.evals.get("sft", {})
-        if not any(f"eval/prompts/{tag}" in sft for tag in SUBSETS):
+        if not any(f"eval/prompts/{tag}" in sft for tag in SUBSET_TAGS):
             return []
-        counts = ", ".join(f"{round(sft.get(f'eval/prompts/{tag}', 0))} {tag}" for tag in SUBSETS)
+        counts = ", ".join(f"{round(sft.get(f'eval/prompts/{tag}', 0))} {tag}" for tag in SUBSET_TAGS)
         lines = [
             "Test accuracy per subset, original / masked images (mean over seeds, percent; "
             f"{counts} prompts):",
             "",
-            "| method | " + " | ".join(f"{tag} (orig. / masked)" for tag in SUBSETS) + " |",
-            "|---" * (len(SUBSETS) + 1) + "|",
+            "| method | " + " | ".join(f"{tag} (orig. / masked)" for tag in SUBSET_TAGS) + " |",
+            "|---" * (len(SUBSET_TAGS) + 1) + "|",
         ]
         for method, runs in self.groups.items():
             cells = []
-            for tag in SUBSETS:
+            for tag in SUBSET_TAGS:
                 pair = [self.eval_stats(runs, f"eval/{kind}/{tag}") for kind in KINDS]
                 cells.append(" / ".join("-" if x is None else f"{100 * x[0]:.1f}" for x in pair))
             lines.append(f"| {LABELS.get(method, method)} | " + " | ".join(cells) + " |")

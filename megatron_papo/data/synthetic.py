@@ -264,14 +264,19 @@ def solution_text(question: Question) -> str:
     return f"<think> {question.reasoning} </think> \\boxed{{{question.answer}}}"
 
 
+# the prior trap's subset tags (``extra["subset"]``): a count answered by the prior, a count that is not,
+# any other question
+SUBSET_TAGS = ("prior_consistent", "prior_violating", "other")
+
+
 def subset_tag(prior_answer: int | None, question: Question) -> dict[str, str]:
     """``{"subset": tag}`` for the prior-trap variant (``prior_answer`` set), else ``{}``: a count question
     is ``prior_consistent`` when its answer is the prior, ``prior_violating`` when not; others ``other``."""
     if prior_answer is None:
         return {}
     if question.kind != "count":
-        return {"subset": "other"}
-    return {"subset": "prior_consistent" if question.answer == str(prior_answer) else "prior_violating"}
+        return {"subset": SUBSET_TAGS[2]}
+    return {"subset": SUBSET_TAGS[0] if question.answer == str(prior_answer) else SUBSET_TAGS[1]}
 
 
 def _scenes(cfg: SyntheticConfig, split: str, level: Level) -> dict[str, SceneBuilder]:
