@@ -61,7 +61,9 @@ class ServerWeights:
         self.path: str | None = None
         self.run_tag = uuid.uuid4().hex[:12]
         self.broadcast = (
-            BroadcastSync(cfg.sync_backend, cfg.sync_host, cfg.sync_timeout_s, cfg.request_timeout_s)
+            BroadcastSync(
+                cfg.sync_backend, cfg.sync_host, cfg.sync_timeout_s, cfg.request_timeout_s, cfg.sync_token
+            )
             if cfg.weight_sync == "broadcast"
             else None
         )
@@ -143,6 +145,8 @@ class ServerWeights:
                 self.refresh(server)
                 synced += 1
             except ServerError as e:
+                if not e.retryable:  # the reload itself is refused (a 4xx: a wrong token)
+                    raise
                 server.mark_down(str(e))
         if previous is not None:
             shutil.rmtree(previous, ignore_errors=True)
