@@ -98,19 +98,21 @@ class BroadcastWeightEngine(WeightTransferEngine[BroadcastInitInfo, BroadcastUpd
         finalize_layerwise_reload(self.model, self.model_config)
 
     def receive_weights(self, update_info: BroadcastUpdateInfo) -> None:
-        if self.group is None:
-            raise RuntimeError("megatron_papo weight transfer: init_weight_transfer_engine was not called")
         try:
             check_token(update_info.token, "update_weights")
+            if self.group is None:
+                raise RuntimeError(
+                    "megatron_papo weight transfer: init_weight_transfer_engine was not called"
+                )
             buffer = torch.empty(update_info.nbytes, dtype=torch.uint8, device=self.buffer_device)
             self.group.broadcast(buffer)
             self.model.load_weights(
                 [(name, tensor.to(self.device)) for name, tensor in unpack(buffer, update_info.tensors)]
             )
         except BaseException:
-            # vLLM ends the update on this error (a refused token too) without finishing it, which would
-            # leave the layers not reloaded yet on the meta device: finish it here (they get their
-            # previous tensors back)
+            # vLLM ends the update on this error (a refused token, no group too) without finishing it,
+            # which would leave the layers not reloaded yet on the meta device: finish it here (they get
+            # their previous tensors back)
             self.finish_weight_update()
             raise
 
