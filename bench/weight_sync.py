@@ -2,8 +2,9 @@
 
 Starts one server (``tools/launch_vllm.sh --weight-sync broadcast``, which also takes directory reloads) of
 a random Qwen2.5-VL-shaped model of the given size, or uses ``--url`` (a server already serving
-``--model``), and syncs the same weights ``--iters`` times per mode through ``VllmEngine.sync_weights``,
-as the trainer does after an update (rank 0; the Megatron export is not included):
+``--model``, started with this environment's ``$MEGATRON_PAPO_SYNC_TOKEN``), and syncs the same weights
+``--iters`` times per mode through ``VllmEngine.sync_weights``, as the trainer does after an update (rank 0;
+the Megatron export is not included):
 
 - ``directory``: buckets written as safetensors under ``--sync-dir`` (local disk: the best case for this
   path; on a cluster it is shared storage), then the server's in-place reload from it;
@@ -39,6 +40,7 @@ from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 from megatron_papo.models.tiny import TinyQwen25VLSpec, make_tiny_qwen25vl
 from megatron_papo.models.weights import EMBED, HEAD, INDEX, SINGLE, module_name
 from megatron_papo.rollout.config import RolloutConfig
+from megatron_papo.rollout.sync_auth import ENV, new_token
 from megatron_papo.rollout.vllm import VllmConfig, VllmEngine
 from megatron_papo.rollout.vllm_http import VllmServer
 
@@ -129,6 +131,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse(argv)
     if args.url and not args.model:
         sys.exit("--url needs --model (the HF directory that server serves)")
+    token = os.environ.setdefault(ENV, new_token())  # the server started here inherits it
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model or make_tiny_qwen25vl(
             os.path.join(tmp, "model"),
@@ -158,6 +161,7 @@ def main(argv: list[str] | None = None) -> None:
                     bucket_bytes=args.bucket_mb << 20,
                     weight_sync=mode,
                     sync_backend=args.backend,
+                    sync_token=token,
                 )
                 engine = VllmEngine(cfg, RolloutConfig(), model)
                 times[mode] = []

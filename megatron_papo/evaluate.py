@@ -68,13 +68,17 @@ def evaluate(cfg: TrainConfig, policy: Policy, seed: int) -> dict[str, float]:
             for i, p in enumerate(prompts)
         ]
         outputs = generate_in_model_parallel_group(policy.engine, requests, cfg.eval.n)
-        for prompt, rollouts in zip(prompts, outputs, strict=True):
-            texts = source.tokenizer.batch_decode(
+        graded = [
+            (prompt, text)
+            for prompt, rollouts in zip(prompts, outputs, strict=True)
+            for text in source.tokenizer.batch_decode(
                 [r.response_ids for r in rollouts], skip_special_tokens=True
             )
-            for text in texts:
-                reward = source.reward_fn(text, prompt.answer, prompt.answer_type)
-                tally.add(prompt.extra.get("subset"), masked, reward.accuracy, reward.format)
+        ]
+        rewards = source.rewards.grade([(t, p.answer, p.answer_type) for p, t in graded])
+        for (prompt, _), reward in zip(graded, rewards, strict=True):
+            tally.add(prompt.extra.get("subset"), masked, reward.accuracy, reward.format)
+    source.close()
     return tally.reduced(ps.get_data_parallel_group()).metrics(cfg.eval.n)
 
 

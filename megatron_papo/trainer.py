@@ -154,20 +154,22 @@ class Trainer(TrainingLoop):
             for p in prompts
         ]
         outputs = generate_in_model_parallel_group(self.policy.engine, requests, self.cfg.rollout.n)
-        groups = []
-        for prompt, rollouts in zip(prompts, outputs, strict=True):
-            responses = [r.response_ids for r in rollouts]
-            texts = self.prompts.tokenizer.batch_decode(responses, skip_special_tokens=True)
-            groups.append(
-                Group(
-                    prompt=prompt,
-                    responses=responses,
-                    finished=[r.finished for r in rollouts],
-                    rewards=[self.prompts.reward_fn(t, prompt.answer, prompt.answer_type) for t in texts],
-                    logprobs=[r.logprobs for r in rollouts],
-                )
+        texts = [
+            self.prompts.tokenizer.batch_decode([r.response_ids for r in rollouts], skip_special_tokens=True)
+            for rollouts in outputs
+        ]
+        items = [(t, p.answer, p.answer_type) for p, ts in zip(prompts, texts, strict=True) for t in ts]
+        rewards = iter(self.prompts.rewards.grade(items))
+        return [
+            Group(
+                prompt=prompt,
+                responses=[r.response_ids for r in rollouts],
+                finished=[r.finished for r in rollouts],
+                rewards=[next(rewards) for _ in rollouts],
+                logprobs=[r.logprobs for r in rollouts],
             )
-        return groups
+            for prompt, rollouts in zip(prompts, outputs, strict=True)
+        ]
 
     def _sample_groups(self) -> tuple[list[Group], dict[str, float]]:
         """This DP rank's ``prompts_per_rank`` groups for the step (DAPO: informative groups only, sampled
@@ -199,7 +201,9 @@ class Trainer(TrainingLoop):
             "rollout/kept_groups": float(filled.kept),
             "rollout/used_groups": float(self.prompts_per_rank * self.dp_size),
             "rollout/surplus_groups": float(filled.surplus),
+            "data/skipped_samples": float(self.prompts.loader.skipped),
         }
+        stats |= self.prompts.rewards.take_stats()
         return filled.groups, self._reward_metrics(generated) | stats
 
     def _reward_metrics(self, groups: list[Group]) -> dict[str, float]:

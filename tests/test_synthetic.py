@@ -172,7 +172,10 @@ def test_the_trainer_prompt_source_serves_the_synthetic_task(tmp_path):
         masked = source.mask_images(prompt, step=0)
         assert masked.shape == prompt.pixel_values.shape and not torch.equal(masked, prompt.pixel_values)
         assert (
-            source.reward_fn(f"\\boxed{{{prompt.answer}}}", prompt.answer, prompt.answer_type).accuracy == 1.0
+            source.rewards.grade([(f"\\boxed{{{prompt.answer}}}", prompt.answer, prompt.answer_type)])[
+                0
+            ].accuracy
+            == 1.0
         )
     test = PromptSource(
         hf, data, MaskingConfig(), RewardConfig(), str(tmp_path / "run"), 0, 1, "test", repeat=False

@@ -22,7 +22,7 @@ from PIL import Image, ImageDraw
 from safetensors.torch import load_file
 from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-from vllm_server import ROOT, VllmServerProcess, free_port, requires_vllm
+from vllm_server import ROOT, SYNC_TOKEN, VllmServerProcess, free_port, requires_vllm
 
 from megatron_papo.data.config import MaskingConfig
 from megatron_papo.data.encode import EncodedPrompt, expand_image_pads, preprocess_images
@@ -96,7 +96,12 @@ def masked_request(model: str, seed: int, strategy: str) -> RolloutRequest:
 
 def engine(model: str, urls: list[str], tmp_path, max_new_tokens: int = 16, **kwargs) -> VllmEngine:
     cfg = VllmConfig(
-        urls, sync_dir=str(tmp_path / "sync"), min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS, **kwargs
+        urls,
+        str(tmp_path / "sync"),
+        min_pixels=MIN_PIXELS,
+        max_pixels=MAX_PIXELS,
+        sync_token=SYNC_TOKEN,
+        **kwargs,
     )
     return VllmEngine(cfg, RolloutConfig(n=2, top_p=1.0, max_new_tokens=max_new_tokens), model)
 
@@ -233,7 +238,7 @@ def test_training_with_vllm_rollouts_and_weight_sync(model, servers, tmp_path, s
         f"rollout.vllm_weight_sync={sync}", f"masking.strategy={strategy}", "eval.interval=3",
         "eval.max_prompts=2",
     ]  # fmt: skip
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT, MEGATRON_PAPO_SYNC_TOKEN=SYNC_TOKEN)
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
     assert result.returncode == 0, f"{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

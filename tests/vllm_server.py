@@ -2,7 +2,9 @@
 
 The venv is found at ``$MEGATRON_PAPO_VLLM_VENV`` (default ``~/.cache/megatron-papo/vllm-venv``); tests
 skip with the reason when it is absent or incomplete. Each server runs in its own process group, so a
-test can kill it (API server, engine core and worker) at once, as a crash would.
+test can kill it (API server, engine core and worker) at once, as a crash would. Servers take the
+session's weight-sync token ``SYNC_TOKEN`` and this checkout's megatron-papo (its plugin and middleware),
+whichever checkout the venv was built from.
 """
 
 from __future__ import annotations
@@ -16,11 +18,13 @@ import time
 
 import pytest
 
+from megatron_papo.rollout.sync_auth import ENV, new_token
 from megatron_papo.rollout.vllm_http import VllmServer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VENV = os.environ.get("MEGATRON_PAPO_VLLM_VENV", os.path.expanduser("~/.cache/megatron-papo/vllm-venv"))
 COMPLETE = os.path.join(VENV, ".megatron-papo-vllm-complete")
+SYNC_TOKEN = new_token()
 
 requires_vllm = pytest.mark.skipif(
     not os.path.exists(COMPLETE),
@@ -57,6 +61,8 @@ class VllmServerProcess:
             "VLLM_PYTHON": os.path.join(VENV, "bin", "python"),
             "HF_HUB_OFFLINE": "1",
             "VLLM_CPU_OMP_THREADS_BIND": str(cores[core % len(cores)]),
+            ENV: SYNC_TOKEN,
+            "PYTHONPATH": ROOT,
         }
         args = ["--dtype", "float32", "--enforce-eager", "--max-model-len", str(max_model_len)]
         args += ["--max-num-seqs", "16", "--host", "127.0.0.1", "--port", str(self.port)]

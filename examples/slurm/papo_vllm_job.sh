@@ -14,6 +14,10 @@ cd "${SLURM_SUBMIT_DIR:-.}"
 VLLM_PORT=${VLLM_PORT:-8000}
 WEIGHT_SYNC=${WEIGHT_SYNC:-directory}
 read -r -a ENTRY <<< "${PAPO_ENTRY:-megatron-papo}"
+# a fresh weight-sync secret per job, in the environment of both groups (never on a command line):
+# the servers accept weight syncs from this run's trainer only (docs/security.md)
+MEGATRON_PAPO_SYNC_TOKEN=$(python3 -m megatron_papo.rollout.sync_auth)
+export MEGATRON_PAPO_SYNC_TOKEN
 
 # --- rollout: GPUS_PER_NODE / VLLM_TP servers per rollout node, each on its own GPUs and port
 servers_per_node=$((GPUS_PER_NODE / VLLM_TP))
@@ -26,8 +30,8 @@ srun --het-group=1 --ntasks-per-node=1 --kill-on-bad-exit=1 \
   --export=ALL,MODEL_DIR="$MODEL_DIR",VLLM_PORT="$VLLM_PORT",VLLM_TP="$VLLM_TP",N="$servers_per_node",WEIGHT_SYNC="$WEIGHT_SYNC" \
   bash -c 'for ((i = 0; i < N; i++)); do
              gpus=$(seq -s, $((i * VLLM_TP)) $((i * VLLM_TP + VLLM_TP - 1)))
-             CUDA_VISIBLE_DEVICES=$gpus tools/launch_vllm.sh --model "$MODEL_DIR" --port $((VLLM_PORT + i)) \
-               --weight-sync "$WEIGHT_SYNC" --tensor-parallel-size "$VLLM_TP" &
+             CUDA_VISIBLE_DEVICES=$gpus tools/launch_vllm.sh --model "$MODEL_DIR" --host "$(hostname)" \
+               --port $((VLLM_PORT + i)) --weight-sync "$WEIGHT_SYNC" --tensor-parallel-size "$VLLM_TP" &
            done; wait' &
 rollout_step=$!
 trap 'kill "$rollout_step" 2>/dev/null || true' EXIT

@@ -92,6 +92,10 @@ class DataConfig:
     ``question_template`` must contain ``{question}`` once; the reference recipe asks for reasoning in
     ``<think>...</think>`` then the final answer in ``\\boxed{}``. ``image_placeholder`` marks where images
     go in a prompt (ViRL39K's ``<image>``); prompts without it get their images first.
+    ``max_image_pixels``: a stored image larger than this (by its header) is a bad sample, refused before
+    it is decoded. ``skip_bad_samples``: bad samples are logged, counted (``data/skipped_samples``) and
+    passed over instead of stopping the run; ``max_consecutive_bad_samples`` of them in a row (or a whole
+    epoch of a rank's samples) stop it.
     """
 
     train_data: str | None = None
@@ -107,7 +111,9 @@ class DataConfig:
     question_template: str = REFERENCE_QUESTION_TEMPLATE
     image_placeholder: str = "<image>"
     max_prompt_length: int = 4096
+    max_image_pixels: int = 1 << 26  # 8192 x 8192
     skip_bad_samples: bool = False
+    max_consecutive_bad_samples: int = 100
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
     def __post_init__(self) -> None:
@@ -128,6 +134,8 @@ class DataConfig:
             f"got {self.question_template!r}",
         )
         _require(self.image_placeholder != "", "data.image_placeholder must not be empty")
+        for name in ("max_image_pixels", "max_consecutive_bad_samples"):
+            _require(getattr(self, name) >= 1, f"data.{name} must be >= 1, got {getattr(self, name)}")
         _require(
             self.max_prompt_length >= 1, f"data.max_prompt_length must be >= 1, got {self.max_prompt_length}"
         )

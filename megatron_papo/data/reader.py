@@ -7,8 +7,10 @@ The state dict holds the global index of the next prompt to hand out, so a resum
 without repeats or gaps; the trainer saves one state per DP rank (ranks may differ by skipped samples).
 
 Bad samples raise ``BadSampleError`` (shard and key in the message), or with ``data.skip_bad_samples``
-are logged, counted in ``skipped`` and passed over. A loader worker does not raise: it hands the error to
-the main process as an item, which raises it as it was (torch would re-wrap it as a ``RuntimeError``).
+are logged, counted in ``skipped`` and passed over, up to ``data.max_consecutive_bad_samples`` in a row
+(or a whole epoch of the rank's samples: all bad): then ``DataError``, instead of skipping forever. A
+loader worker does not raise: it hands the error to the main process as an item, which raises it as it
+was (torch would re-wrap it as a ``RuntimeError``).
 """
 
 from __future__ import annotations
@@ -132,7 +134,7 @@ class RankStream(IterableDataset):
     def _process(self, raw: RawSample, epoch: int, position: int) -> _Delivered | _Skipped:
         index = epoch * self.per_epoch + position
         try:
-            prompt = self.encoder(decode_sample(raw))
+            prompt = self.encoder(decode_sample(raw, self.cfg.max_image_pixels))
         except Exception as e:  # any failure on one sample is reported with its shard and key
             error = (
                 e
@@ -198,19 +200,28 @@ class PromptLoader:
             collate_fn=_identity,
             prefetch_factor=self.cfg.prefetch_factor if workers else None,
         )
+        limit = min(self.cfg.max_consecutive_bad_samples, self.samples_per_epoch)
+        in_a_row = 0
         for item in loader:
             if isinstance(item, _Failed):
                 raise item.error
             if item.index != self._next:
                 raise RuntimeError(f"data loader out of order: got index {item.index}, expected {self._next}")
             self._next += 1
-            if isinstance(item, _Skipped):
-                self.skipped += 1
-                logger.warning(
-                    "skipped a bad sample (%d so far on this rank): %s", self.skipped, item.message
-                )
+            if isinstance(item, _Delivered):
+                in_a_row = 0
+                yield item.prompt
                 continue
-            yield item.prompt
+            self.skipped += 1
+            in_a_row += 1
+            logger.warning("skipped a bad sample (%d so far on this rank): %s", self.skipped, item.message)
+            if in_a_row >= limit:
+                what = (
+                    f"all {in_a_row} samples of data-parallel rank {self.dp_rank}'s epoch are bad"
+                    if in_a_row == self.samples_per_epoch
+                    else f"{in_a_row} bad samples in a row (data.max_consecutive_bad_samples)"
+                )
+                raise DataError(f"{self.manifest.origin}: {what}; the last: {item.message}")
 
     def state_dict(self) -> dict:
         return {

@@ -12,6 +12,7 @@ import webdataset as wds
 from PIL import Image
 from transformers.image_transforms import convert_to_rgb
 
+from megatron_papo.data.config import DataConfig
 from megatron_papo.data.shard_format import ANSWER_TYPES, JSON_SUFFIX, json_object
 
 
@@ -95,8 +96,9 @@ def read_shard(path: str, start: int, stop: int, expected: int, skip_bad: bool) 
         yield RawSample(path, f"#{i}", i, error=error)
 
 
-def decode_sample(raw: RawSample) -> PromptSample:
-    """Validate the JSON and decode the images of ``raw``; raises BadSampleError naming shard and key."""
+def decode_sample(raw: RawSample, max_image_pixels: int = DataConfig.max_image_pixels) -> PromptSample:
+    """Validate the JSON and decode the images of ``raw``; raises BadSampleError naming shard and key (an
+    image whose header says it has more than ``max_image_pixels`` pixels is refused before decoding)."""
 
     def bad(reason: str) -> BadSampleError:
         return BadSampleError(raw.shard, raw.key, reason)
@@ -120,8 +122,8 @@ def decode_sample(raw: RawSample) -> PromptSample:
     num_images, num_masked = meta["num_images"], meta.get("num_masked_images", 0)
     if not isinstance(num_images, int) or num_images < 1:
         raise bad(f"num_images must be an integer >= 1, got {num_images!r}")
-    images = [_decode_image(raw, f"img{i}", bad) for i in range(num_images)]
-    masked = [_decode_image(raw, f"mask{i}", bad) for i in range(num_masked)]
+    images = [_decode_image(raw, f"img{i}", bad, max_image_pixels) for i in range(num_images)]
+    masked = [_decode_image(raw, f"mask{i}", bad, max_image_pixels) for i in range(num_masked)]
     for i, m in enumerate(masked):
         if m.size != images[i].size:
             raise bad(f"masked image {i} is {m.size}, its image is {images[i].size}")
@@ -141,15 +143,23 @@ def decode_sample(raw: RawSample) -> PromptSample:
     )
 
 
-def _decode_image(raw: RawSample, stem: str, bad) -> Image.Image:
+def _decode_image(raw: RawSample, stem: str, bad, max_pixels: int) -> Image.Image:
     names = [k for k in raw.members if k.split(".", 1)[0] == stem]
     if len(names) != 1:
         raise bad(f"expected one image member {stem}.<ext>, found {names} (members: {sorted(raw.members)})")
     try:
         with Image.open(io.BytesIO(raw.members[names[0]])) as img:
+            width, height = img.size  # from the header: nothing is decoded yet
+            if width * height > max_pixels:
+                raise bad(
+                    f"{names[0]} is {width}x{height} = {width * height} pixels, more than "
+                    f"data.max_image_pixels={max_pixels}"
+                )
             img.load()
             # transformers' own RGB conversion (alpha composited on white), so the processor sees the same
             rgb = convert_to_rgb(img, return_numpy=True)
+    except BadSampleError:
+        raise
     except Exception as e:  # PIL raises many types for corrupt data
         raise bad(f"{names[0]} is not a decodable image ({type(e).__name__}: {e})") from e
     return Image.fromarray(np.ascontiguousarray(rgb))

@@ -39,8 +39,9 @@ class RowSchema:
     solution_key: str | None = "solution"
 
 
-def iter_rows(path: str) -> Iterator[tuple[str, dict[str, Any]]]:
-    """(location, row) for each row of a ``.jsonl`` or ``.parquet`` file; location is ``file:line N``."""
+def iter_rows(path: str) -> Iterator[tuple[str, dict[str, Any] | bytes]]:
+    """(location, row) for each row of a ``.jsonl`` or ``.parquet`` file; location is ``file:line N``. A
+    JSONL row comes as its line, parsed by ``row_to_sample``: a malformed line is one bad row."""
     if path.endswith(".parquet"):
         try:
             import pyarrow.parquet as pq
@@ -62,12 +63,7 @@ def iter_rows(path: str) -> Iterator[tuple[str, dict[str, Any]]]:
         for number, line in enumerate(f, start=1):
             if not line.strip():
                 continue
-            location = f"{path}:line {number}"
-            try:
-                record = json_object(line)
-            except ValueError as e:
-                raise DataError(f"{location}: {e}") from e
-            yield location, record
+            yield f"{path}:line {number}", line
 
 
 def _image_bytes(value: Any, root: str) -> list[bytes]:
@@ -101,8 +97,11 @@ def _text(value: Any, name: str) -> str:
     return str(value)
 
 
-def row_to_sample(row: dict[str, Any], schema: RowSchema, image_root: str) -> ShardSample:
-    """One row -> a validated ``ShardSample``; raises ValueError naming the column or image."""
+def row_to_sample(row: dict[str, Any] | bytes, schema: RowSchema, image_root: str) -> ShardSample:
+    """One row (a JSONL line: parsed first) -> a validated ``ShardSample``; raises ValueError naming the
+    column or image, or saying why the line is not a JSON object."""
+    if isinstance(row, bytes):
+        row = json_object(row)
     for name in (schema.id_key, schema.prompt_key, schema.answer_key, schema.images_key):
         if row.get(name) is None:
             raise ValueError(f"missing column {name!r} (row has {sorted(row)})")

@@ -27,7 +27,7 @@ import os
 import time
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -36,6 +36,7 @@ from transformers import AutoConfig
 from megatron_papo.config_io import check_choices
 from megatron_papo.rollout.config import RolloutConfig
 from megatron_papo.rollout.engine import Rollout, RolloutRequest, rollout_stats, vision_token_ids
+from megatron_papo.rollout.sync_auth import ENV, environment_token
 from megatron_papo.rollout.vllm_http import ServerError
 from megatron_papo.rollout.vllm_requests import completion_body, parse_completion
 from megatron_papo.rollout.vllm_servers import ServerPool
@@ -52,7 +53,8 @@ class VllmConfig:
     broadcast. ``weight_sync``: directory or broadcast (``vllm_weights``); for broadcast, ``sync_backend``
     (gloo or nccl; None: nccl when CUDA is available), ``sync_host`` (the address servers reach the trainer
     at; None: this machine's address on the route to each server) and ``sync_timeout_s`` (joining a group,
-    one broadcast).
+    one broadcast). ``sync_token``: the run's weight-sync secret (``sync_auth``; None: none is sent, and
+    servers refuse every sync).
     """
 
     urls: list[str]
@@ -71,6 +73,7 @@ class VllmConfig:
     sync_backend: Literal["gloo", "nccl"] | None = None
     sync_host: str | None = None
     sync_timeout_s: float = 600.0
+    sync_token: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if not self.urls:
@@ -107,14 +110,24 @@ class VllmEngine:
         self.tied = bool(text.tie_word_embeddings)
         self.logit_bias = {str(t): -100.0 for t in vision_token_ids(hf)}
         self.weights = ServerWeights(cfg, hf_path, self.tied)
-        self.pool = ServerPool(cfg.urls, cfg.health_timeout_s, cfg.retry_down_after_s, self.weights.refresh)
+        self.pool = ServerPool(
+            cfg.urls, cfg.health_timeout_s, cfg.retry_down_after_s, self.weights.refresh, cfg.sync_token
+        )
         self.servers = self.pool.servers
         self.model = cfg.model
         self.last_stats: dict[str, float] = {}
 
     @classmethod
     def from_config(cls, cfg) -> VllmEngine:
-        """The engine of a ``TrainConfig``: servers ``rollout.vllm_urls``, syncs under the run directory."""
+        """The engine of a ``TrainConfig``: servers ``rollout.vllm_urls``, syncs under the run directory, the
+        run's token from ``$MEGATRON_PAPO_SYNC_TOKEN`` (required)."""
+        token = environment_token()
+        if token is None:
+            raise ValueError(
+                f"rollout.backend is 'vllm' but ${ENV} is not set: export the token the servers were "
+                "started with (tools/launch_vllm.sh needs it too; "
+                "`python -m megatron_papo.rollout.sync_auth` makes a fresh one per run)"
+            )
         vllm = VllmConfig(
             urls=list(cfg.rollout.vllm_urls),
             sync_dir=os.path.join(cfg.trainer.output_dir, "vllm_weights"),
@@ -122,6 +135,7 @@ class VllmEngine:
             max_pixels=cfg.data.max_pixels,
             weight_sync=cfg.rollout.vllm_weight_sync,
             sync_host=cfg.rollout.vllm_sync_host,
+            sync_token=token,
         )
         return cls(vllm, cfg.rollout, cfg.model.hf_path)
 

@@ -14,6 +14,10 @@ NCCL between GPUs, gloo on CPUs) and drives vLLM's weight-transfer endpoints, wh
 Each HTTP call runs beside the collective it meets; whichever fails first is raised at once, so a server
 that rejects a call or dies mid-broadcast costs no timeout: it is marked down, its group dropped, and the
 other servers carry on. A server that missed a sync rejoins (a fresh group) at the next one.
+
+The init and each update carry the run's token (``sync_auth``), which the server's engine checks. The
+group's store listens on the address the servers are given (``master_address``) only, on a port taken
+by binding it there (no other interface, no race for a free port).
 """
 
 from __future__ import annotations
@@ -43,10 +47,12 @@ def local_address_towards(url: str) -> str:
         return s.getsockname()[0]
 
 
-def free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+def listen_on(host: str) -> socket.socket:
+    """A TCP socket listening on ``host`` (that address only) at a port of the system's choosing."""
+    listener = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    listener.bind((host, 0))
+    listener.listen()
+    return listener
 
 
 def beside(request: Callable[[], Any], collective: Callable[[], Any]) -> None:
@@ -74,17 +80,24 @@ class BroadcastSync:
     """The weight-sync groups of one trainer (global rank 0) with its servers, by server URL.
 
     ``backend``: gloo or nccl (None: nccl when CUDA is available). ``host``: the address servers reach
-    the trainer at (None: this machine's address on the route to each server).
+    the trainer at (None: this machine's address on the route to each server). ``token``: the run's
+    weight-sync token, in every init and update.
     """
 
     def __init__(
-        self, backend: str | None, host: str | None, timeout_s: float, request_timeout_s: float
+        self,
+        backend: str | None,
+        host: str | None,
+        timeout_s: float,
+        request_timeout_s: float,
+        token: str | None,
     ) -> None:
         self.backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
         self.device = torch.device("cuda", torch.cuda.current_device()) if self.backend == "nccl" else None
         self.host = host
         self.timeout_s = timeout_s
         self.request_timeout_s = request_timeout_s
+        self.token = token or ""
         self.groups: dict[str, WeightGroup] = {}
 
     def workers(self, server: VllmServer) -> int:
@@ -113,7 +126,8 @@ class BroadcastSync:
         self.groups.pop(server.url, None)
         world_size = 1 + self.workers(server)
         host = self.host or local_address_towards(server.url)
-        port = free_port(host)
+        listener = listen_on(host)
+        port = listener.getsockname()[1]
         init = {
             "master_address": host,
             "master_port": port,
@@ -121,11 +135,14 @@ class BroadcastSync:
             "rank_offset": 1,
             "backend": self.backend,
             "timeout_s": self.timeout_s,
+            "token": self.token,
         }
         opened: list[WeightGroup] = []
         beside(
             lambda: server.post_json("/init_weight_transfer_engine", {"init_info": init}, self.timeout_s),
-            lambda: opened.append(open_group(host, port, 0, world_size, self.backend, self.timeout_s)),
+            lambda: opened.append(
+                open_group(host, port, 0, world_size, self.backend, self.timeout_s, listener.detach())
+            ),
         )
         self.groups[server.url] = opened[0]
         # an update that an earlier trainer left open (it died between buckets) must be finished before
@@ -158,7 +175,7 @@ class BroadcastSync:
                 continue
             buffer, metas = pack(bucket, self.device or torch.device("cpu"))
             nbytes += buffer.numel()
-            update = {"update_info": {"nbytes": buffer.numel(), "tensors": metas}}
+            update = {"update_info": {"nbytes": buffer.numel(), "tensors": metas, "token": self.token}}
             live = self.each(live, partial(self.send, buffer=buffer, update=update))
         live = self.each(live, lambda s: s.post_json("/finish_weight_update", {}, timeout))
         return live, nbytes

@@ -3,7 +3,8 @@
 Only the standard library is used (``urllib``), so the trainer needs no HTTP client package. Every call
 is bounded by a timeout; every failure becomes a ``ServerError`` that names the server, and says whether
 another server may succeed where this one failed (``retryable``: connection refused or reset, timeout,
-5xx, malformed answer) or not (a 4xx: the request itself is wrong).
+5xx, malformed answer) or not (a 4xx: the request itself is wrong, or the run's token is not the
+server's). Every request carries the run's weight-sync token (``sync_auth``) when one is given.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import urllib.error
 import urllib.request
 from typing import Any
 
+from megatron_papo.rollout.sync_auth import HEADER
+
 
 class ServerError(RuntimeError):
     """A failed call to the server at ``url``."""
@@ -27,10 +30,12 @@ class ServerError(RuntimeError):
 
 
 class VllmServer:
-    """Client state of one server: ``in_flight`` requests, and whether it is ``down`` (and since when)."""
+    """Client state of one server: ``in_flight`` requests, and whether it is ``down`` (and since when).
+    ``token``: the run's weight-sync token, sent with every request (None: not sent)."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, token: str | None = None) -> None:
         self.url = url.rstrip("/")
+        self.headers = {"Content-Type": "application/json"} | ({HEADER: token} if token else {})
         self.in_flight = 0
         self.down_since: float | None = None
         self.last_error = ""
@@ -53,9 +58,7 @@ class VllmServer:
     def request(self, method: str, path: str, body: Any, timeout: float) -> bytes:
         """The raw answer body of ``method path`` (JSON ``body`` if not None); non-2xx raises."""
         data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(
-            self.url + path, data=data, method=method, headers={"Content-Type": "application/json"}
-        )
+        req = urllib.request.Request(self.url + path, data=data, method=method, headers=self.headers)
         try:
             with urllib.request.urlopen(req, timeout=timeout) as resp:
                 return resp.read()

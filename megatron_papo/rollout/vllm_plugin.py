@@ -12,7 +12,11 @@ started with ``--weight-transfer-config '{"backend": "megatron_papo"}'`` (tools/
 ``--weight-sync broadcast``). Weights arrive as buckets (one broadcast each) and load through the
 model's ``load_weights`` inside vLLM's layerwise reload, as with the built-in engines.
 
-Runs inside vLLM only: imports torch and vLLM, nothing of the trainer beyond ``weight_group``.
+Every init and update carries the run's token (``sync_auth``): one without it is refused before the
+engine joins a group or receives anything, so nothing is loaded.
+
+Runs inside vLLM only: imports torch and vLLM, nothing of the trainer beyond ``weight_group`` and
+``sync_auth``.
 """
 
 from __future__ import annotations
@@ -27,13 +31,14 @@ from vllm.distributed.weight_transfer.base import (
 )
 from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory
 
+from megatron_papo.rollout.sync_auth import check_token
 from megatron_papo.rollout.weight_group import BACKEND, TensorMeta, WeightGroup, open_group, unpack
 
 
 @dataclass(kw_only=True)
 class BroadcastInitInfo(WeightTransferInitInfo):
     """Where the trainer's group meets (``master_address:master_port``), its size (1 + the server's
-    workers), this server's first worker rank in it, and the backend (gloo or nccl)."""
+    workers), this server's first worker rank in it, the backend (gloo or nccl), and the run's token."""
 
     master_address: str
     master_port: int
@@ -41,14 +46,17 @@ class BroadcastInitInfo(WeightTransferInitInfo):
     rank_offset: int = 1
     backend: str = "nccl"
     timeout_s: float = 600.0
+    token: str = ""
 
 
 @dataclass(kw_only=True)
 class BroadcastUpdateInfo(WeightTransferUpdateInfo):
-    """One bucket: ``nbytes`` of ``uint8`` broadcast from the trainer, holding ``tensors``."""
+    """One bucket: ``nbytes`` of ``uint8`` broadcast from the trainer, holding ``tensors``; the run's
+    token."""
 
     nbytes: int
     tensors: list[TensorMeta]
+    token: str = ""
 
 
 class BroadcastWeightEngine(WeightTransferEngine[BroadcastInitInfo, BroadcastUpdateInfo]):
@@ -65,6 +73,7 @@ class BroadcastWeightEngine(WeightTransferEngine[BroadcastInitInfo, BroadcastUpd
     def init_transfer_engine(self, init_info: BroadcastInitInfo) -> None:
         """Join the trainer's group: worker ``r`` of data-parallel replica ``d`` is rank
         ``rank_offset + d * workers_per_replica + r``."""
+        check_token(init_info.token, "init_weight_transfer_engine")
         parallel = self.parallel_config
         rank = init_info.rank_offset + parallel.data_parallel_index * parallel.world_size + parallel.rank
         self.shutdown()
@@ -89,17 +98,21 @@ class BroadcastWeightEngine(WeightTransferEngine[BroadcastInitInfo, BroadcastUpd
         finalize_layerwise_reload(self.model, self.model_config)
 
     def receive_weights(self, update_info: BroadcastUpdateInfo) -> None:
-        if self.group is None:
-            raise RuntimeError("megatron_papo weight transfer: init_weight_transfer_engine was not called")
         try:
+            check_token(update_info.token, "update_weights")
+            if self.group is None:
+                raise RuntimeError(
+                    "megatron_papo weight transfer: init_weight_transfer_engine was not called"
+                )
             buffer = torch.empty(update_info.nbytes, dtype=torch.uint8, device=self.buffer_device)
             self.group.broadcast(buffer)
             self.model.load_weights(
                 [(name, tensor.to(self.device)) for name, tensor in unpack(buffer, update_info.tensors)]
             )
         except BaseException:
-            # vLLM ends the update on this error without finishing it, which would leave the layers not
-            # reloaded yet on the meta device: finish it here (they get their previous tensors back)
+            # vLLM ends the update on this error (a refused token, no group too) without finishing it,
+            # which would leave the layers not reloaded yet on the meta device: finish it here (they get
+            # their previous tensors back)
             self.finish_weight_update()
             raise
 

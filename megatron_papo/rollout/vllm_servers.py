@@ -19,8 +19,8 @@ from megatron_papo.rollout.vllm_http import ServerError, VllmServer, wait_until_
 
 
 class ServerPool:
-    """The servers at ``urls``; ``retries``: answers that failed over to another server (reset by the
-    engine per rollout)."""
+    """The servers at ``urls`` (``token``: the run's weight-sync token); ``retries``: answers that failed
+    over to another server (reset by the engine per rollout)."""
 
     def __init__(
         self,
@@ -28,8 +28,9 @@ class ServerPool:
         health_timeout_s: float,
         retry_down_after_s: float,
         refresh: Callable[[VllmServer], None],
+        token: str | None = None,
     ) -> None:
-        self.servers = [VllmServer(url) for url in urls]
+        self.servers = [VllmServer(url, token) for url in urls]
         self.health_timeout_s = health_timeout_s
         self.retry_down_after_s = retry_down_after_s
         self.refresh = refresh

@@ -15,6 +15,12 @@ endpoints and the ``megatron_papo`` engine of ``vllm_plugin``; see ``vllm_broadc
 server then drops the caches of the old weights and reports the new version (``VllmServer.commit``).
 A server that is down during a sync gets the weights before it is used again (``refresh``): from the
 directory, or (broadcast) at the next sync, staying out of use until then.
+
+**Every rank agrees.** Only global rank 0 syncs, but every rank sends rollout requests. After each sync
+rank 0 shares the directory it wrote and the servers that hold the new weights: on every rank the others
+are out of use (a server restarted between syncs must not serve the base checkpoint under this run's
+version), and any rank reviving one reloads it from that directory. A reload never goes out without a
+directory: ``weights_path`` None would reload the checkpoint the server started from.
 """
 
 from __future__ import annotations
@@ -55,7 +61,9 @@ class ServerWeights:
         self.path: str | None = None
         self.run_tag = uuid.uuid4().hex[:12]
         self.broadcast = (
-            BroadcastSync(cfg.sync_backend, cfg.sync_host, cfg.sync_timeout_s, cfg.request_timeout_s)
+            BroadcastSync(
+                cfg.sync_backend, cfg.sync_host, cfg.sync_timeout_s, cfg.request_timeout_s, cfg.sync_token
+            )
             if cfg.weight_sync == "broadcast"
             else None
         )
@@ -78,6 +86,8 @@ class ServerWeights:
             raise ServerError(server.url, f"malformed /weight_info answer: {info[:200]!r}") from e
         if self.broadcast is not None:
             raise ServerError(server.url, f"missed the broadcast of {self.version}; rejoins at the next sync")
+        if self.path is None:
+            raise ServerError(server.url, f"holds no {self.version} and no weights directory is known here")
         timeout = self.cfg.request_timeout_s
         rpc = {"method": "reload_weights", "kwargs": {"weights_path": self.path}, "timeout": timeout}
         server.post_json("/collective_rpc", rpc, timeout)
@@ -86,8 +96,9 @@ class ServerWeights:
     def sync(self, named_tensors: NamedTensors, servers: Servers, start: Start) -> Stats:
         """Send the weights (global rank 0) to every up server of ``servers``, by directory or broadcast,
         ``start`` (waiting for the servers) called first; a collective when ``torch.distributed`` is
-        initialised (every rank iterates ``named_tensors``, then a barrier). Returns rank 0's ``sync/*``
-        figures (other ranks: none, as metrics are averaged over the ranks reporting them)."""
+        initialised (every rank iterates ``named_tensors``, then takes rank 0's outcome: ``share``).
+        Returns rank 0's ``sync/*`` figures (other ranks: none, as metrics are averaged over the ranks
+        reporting them)."""
         rank0 = not dist.is_initialized() or dist.get_rank() == 0
         if dist.is_initialized() and self.number == 0:
             tag = [self.run_tag]
@@ -103,8 +114,21 @@ class ServerWeights:
         else:
             stats = self._directory_sync(named_tensors, servers, start)
         if dist.is_initialized():
-            dist.barrier()
+            self.share(servers)
         return stats
+
+    def share(self, servers: Servers) -> None:
+        """Rank 0's outcome of a sync on every rank: the directory it wrote, and which of ``servers`` hold
+        the new weights (up); the others are marked down (revived with the directory, or rejoining at the
+        next broadcast)."""
+        outcome = [self.path, [s.url for s in servers if not s.down]]
+        dist.broadcast_object_list(outcome, src=0)
+        self.path, current = outcome[0], set(outcome[1])
+        for server in servers:
+            if server.url in current:
+                server.mark_up()
+            elif not server.down:
+                server.mark_down(f"missed the sync of {self.version} (on trainer rank 0)")
 
     def _directory_sync(self, named_tensors: NamedTensors, servers: Servers, start: Start) -> Stats:
         previous = self.path
@@ -121,6 +145,8 @@ class ServerWeights:
                 self.refresh(server)
                 synced += 1
             except ServerError as e:
+                if not e.retryable:  # the reload itself is refused (a 4xx: a wrong token)
+                    raise
                 server.mark_down(str(e))
         if previous is not None:
             shutil.rmtree(previous, ignore_errors=True)

@@ -58,15 +58,30 @@ class WeightGroup:
 
 
 def open_group(
-    host: str, port: int, rank: int, world_size: int, backend: str, timeout_s: float
+    host: str,
+    port: int,
+    rank: int,
+    world_size: int,
+    backend: str,
+    timeout_s: float,
+    listen_fd: int | None = None,
 ) -> WeightGroup:
     """Join the weight-sync group at ``host:port`` as ``rank`` of ``world_size``; rank 0 (the trainer)
-    hosts the store. Blocks until every rank has joined; after ``timeout_s`` raises (torch's
-    ``DistStoreError``/``RuntimeError``)."""
+    hosts the store, on the listening socket ``listen_fd`` when given (bound to ``host`` only; the store
+    takes it over), else on every interface. Blocks until every rank has joined; after ``timeout_s``
+    raises (torch's ``DistStoreError``/``RuntimeError``)."""
     if backend not in ("gloo", "nccl"):
         raise ValueError(f"weight-sync group backend must be 'gloo' or 'nccl', got {backend!r}")
     timeout = timedelta(seconds=timeout_s)
-    store = TCPStore(host, port, world_size, is_master=rank == 0, timeout=timeout, wait_for_workers=False)
+    store = TCPStore(
+        host,
+        port,
+        world_size,
+        is_master=rank == 0,
+        timeout=timeout,
+        wait_for_workers=False,
+        master_listen_fd=listen_fd,
+    )
     prefix = PrefixStore(STORE_PREFIX, store)
     group = ProcessGroup(prefix, rank, world_size)
     if backend == "gloo":

@@ -15,7 +15,7 @@ from megatron_papo.data.masking import ImageMasker, unpatchify
 from megatron_papo.data.reader import build_prompt_loader
 from megatron_papo.data.synthetic import write_synthetic
 from megatron_papo.rewards.config import RewardConfig
-from megatron_papo.rewards.registry import build_reward_fn
+from megatron_papo.rewards.pool import RewardPool
 from megatron_papo.training.trackers import InputImages
 
 
@@ -37,7 +37,8 @@ def resolve_split(cfg: DataConfig, split: str, run_dir: str) -> str:
 
 
 class PromptSource:
-    """Encoded prompts of one data-parallel rank, their masked images, and the reward function."""
+    """Encoded prompts of one data-parallel rank, their masked images, and the reward (``rewards``: its
+    worker pool; ``close`` stops it)."""
 
     def __init__(
         self,
@@ -59,7 +60,7 @@ class PromptSource:
         )
         self._iter = iter(self.loader)
         self.masker = ImageMasker(masking, self.image_processor, data.min_pixels, data.max_pixels)
-        self.reward_fn = build_reward_fn(reward)
+        self.rewards = RewardPool(reward)
 
     def next_prompts(self, count: int) -> list[EncodedPrompt]:
         """The next ``count`` prompts (fewer only at the end of a non-repeating pass)."""
@@ -95,6 +96,9 @@ class PromptSource:
             original=unpatchify(prompt.pixel_values, grid, self.image_processor),
             masked=unpatchify(masked, grid, self.image_processor),
         )
+
+    def close(self) -> None:
+        self.rewards.close()
 
     def state_dict(self) -> dict:
         return self.loader.state_dict()
