@@ -47,7 +47,9 @@ def copy_as_bf16(src: str, out: str) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out", default=os.path.join(ROOT, "examples", "warm_start"))
     parser.add_argument("--work", default=os.path.join("runs", "warm_start"), help="the study directory")
     args = parser.parse_args()
