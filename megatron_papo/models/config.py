@@ -106,6 +106,7 @@ def language_config(cfg: ModelConfig, hf_config) -> TransformerConfig:
         recompute_granularity="full" if cfg.recompute else None,
         recompute_method="uniform" if cfg.recompute else None,
         recompute_num_layers=1 if cfg.recompute else None,
+        variable_seq_lengths=pp > 1,  # packed micro-batches differ in length: stages exchange shapes
     )
     config.mrope_section = list(rope["mrope_section"])
     return config

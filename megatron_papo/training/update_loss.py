@@ -44,7 +44,7 @@ class UpdateLoss:
 
     ``counts``: the mini-batch's ``TokenCounts`` when ``algo.global_token_mean`` (else None). When the
     objective's ``masked_logits_in_update`` the logits [2b, s, vocab/tp] are the original then the masked
-    images (``update_micro_batch``).
+    images (``update_micro_batch``); packed, the logits [1, T, vocab/tp] hold one copy of the tokens or two.
     """
 
     algo: AlgorithmConfig
@@ -62,9 +62,12 @@ class UpdateLoss:
             self.objective = build_objective(self.algo)
 
     def __call__(self, batch: MicroBatch, logits: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
-        masked_logits = None
-        if self.objective.masked_logits_in_update:
-            logits, masked_logits = logits.chunk(2, dim=0)
+        copies = 2 if self.objective.masked_logits_in_update else 1
+        if batch.packing is not None:
+            logits, *masked = (batch.packing.copy(logits, k) for k in range(copies))
+        else:
+            logits, *masked = logits.chunk(copies, dim=0)
+        masked_logits = masked[0] if masked else None
         data = batch.token_data
         inputs = LossInputs(
             logits,
@@ -77,6 +80,7 @@ class UpdateLoss:
             ref_log_probs=data.ref_log_probs,
             sft_weights=batch.sft_weights,
             rollout_is_weights=data.rollout_is_weights,
+            packing=batch.packing,
         )
         ctx = LossContext(self.temperature, self.progress, self.counts)
         loss, metrics = self.objective.loss(inputs, ctx, batch.prepared)
