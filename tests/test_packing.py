@@ -230,7 +230,7 @@ def test_packing_layout_and_token_budget_bins():
     values = torch.arange(8).view(2, 4)
     assert packing.pack(values, fill=-1).tolist() == [[0, 1, 2, 4, 5, 0, 1, 2, 4, 5, -1, -1]]
     assert packing.scatter(packing.gather(values)).tolist() == [[0, 1, 2, 0], [4, 5, 0, 0]]
-    assert packing.copy(torch.arange(12)[None], 1).tolist() == [0, 1, 2, 4, 5]
+    assert packing.copy(packing.pack(values), 1).tolist() == [0, 1, 2, 4, 5]
 
     lengths = [30, 7, 12, 50, 9, 22, 18, 3]
     bins = token_budget_bins(lengths, 40)
