@@ -162,9 +162,9 @@ def timed_forward(cfg: TrainConfig, policy: RandomPolicy, seqs: StepSequences) -
     log_prob_passes(
         policy.model,
         seqs,
+        [False],
         cfg.trainer.micro_batch_size,
         cfg.rollout.temperature,
-        [False],
         packed=cfg.trainer.pack_sequences,
     )
     return _synchronized_time() - start

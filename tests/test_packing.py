@@ -68,31 +68,24 @@ def _inputs(hf_dir: str) -> dict:
         ids += tokenizer(after, add_special_tokens=False).input_ids
         masked = None if pixels is None else pixels * (torch.rand(len(pixels), 1, generator=g) >= 0.5)
         prompts.append((torch.tensor(ids), pixels, masked, grid))
+    columns = zip(*(prompts[p] for p, _ in SEQUENCES), strict=True)
     return dict(
-        prompt_ids=[prompts[p][0] for p, _ in SEQUENCES],
-        pixel_values=[prompts[p][1] for p, _ in SEQUENCES],
-        masked_pixel_values=[prompts[p][2] for p, _ in SEQUENCES],
-        image_grid_thw=[prompts[p][3] for p, _ in SEQUENCES],
+        zip(
+            ("prompts", "pixel_values", "masked_pixel_values", "image_grid_thw"),
+            map(list, columns),
+            strict=True,
+        ),
         responses=[torch.randint(20, len(tokenizer) - 10, (n,), generator=g) for _, n in SEQUENCES],
         advantages=torch.tensor([1.0, -0.6, 0.8, -1.3]),
     )
 
 
 def _sequences(policy, data: dict):
+    """``build_sequences`` of ``_inputs``' sequences with the policy's positions."""
     from megatron_papo.training.sequences import build_sequences, padded_length
 
-    prompts, responses = data["prompt_ids"], data["responses"]
-    return build_sequences(
-        prompts,
-        responses,
-        data["pixel_values"],
-        data["masked_pixel_values"],
-        data["image_grid_thw"],
-        data["advantages"],
-        pad_id=policy.pad_token_id,
-        length=padded_length(prompts, responses),
-        position_fn=policy.position_ids,
-    )
+    length = padded_length(data["prompts"], data["responses"])
+    return build_sequences(**data, pad_id=policy.pad_token_id, length=length, position_fn=policy.position_ids)
 
 
 def _relayout(tp: int, pp: int) -> None:

@@ -60,9 +60,10 @@ def token_log_probs(
 def log_prob_passes(
     model: list[torch.nn.Module],
     seqs: StepSequences,
+    variants: Sequence[bool],
     micro_batch_size: int,
     temperature: float,
-    variants: Sequence[bool],
+    *,
     packed: bool = False,
     max_tokens: int = 0,
 ) -> list[torch.Tensor]:
@@ -101,7 +102,7 @@ def log_prob_pass(
     packed: bool = False,
 ) -> torch.Tensor:
     """``log_prob_passes`` with one variant: the original images, or the masked ones when ``masked``."""
-    return log_prob_passes(model, seqs, micro_batch_size, temperature, [masked], packed)[0]
+    return log_prob_passes(model, seqs, [masked], micro_batch_size, temperature, packed=packed)[0]
 
 
 def token_data_pass(
@@ -111,6 +112,7 @@ def token_data_pass(
     seqs: StepSequences,
     micro_batch_size: int,
     temperature: float,
+    *,
     packed: bool = False,
     max_tokens: int = 0,
     on_policy: bool = False,
@@ -118,17 +120,18 @@ def token_data_pass(
     """Fill ``seqs.token_data`` (last pipeline stage) with what ``objective`` needs: old log-probs,
     masked-image log-probs (PAPO's reference default, VPPO) and the reference model's. The old and the
     masked ones come from one schedule call. ``on_policy`` (one epoch, one mini-batch, and nothing reads
-    them before the update): no old log-probs, the update's own forward stands in for them (``token_stats``);
-    ``packed`` / ``max_tokens``: the micro-batches (``micro_batches``)."""
+    them before the update): no old log-probs, the update's own forward stands in for them
+    (``token_stats``); ``packed`` / ``max_tokens``: the micro-batches (``micro_batches``)."""
     data = seqs.token_data
     need_old = not on_policy or objective.old_log_probs_in_prepare or data.rollout_log_probs is not None
     variants = [False] * need_old + [True] * objective.masked_log_probs_needed
-    policy = log_prob_passes(model, seqs, micro_batch_size, temperature, variants, packed, max_tokens)
+    batching = dict(packed=packed, max_tokens=max_tokens)
+    policy = log_prob_passes(model, seqs, variants, micro_batch_size, temperature, **batching)
     old = policy.pop(0) if need_old else None
     masked = policy.pop(0) if objective.masked_log_probs_needed else None
     ref = None
     if objective.ref_log_probs_needed:
-        ref = log_prob_passes(ref_model, seqs, micro_batch_size, temperature, [False], packed, max_tokens)[0]
+        ref = log_prob_passes(ref_model, seqs, [False], micro_batch_size, temperature, **batching)[0]
     if ps.is_pipeline_last_stage():
         data.old_log_probs, data.masked_log_probs, data.ref_log_probs = old, masked, ref
 
