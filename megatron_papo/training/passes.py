@@ -94,15 +94,10 @@ def log_prob_passes(
 
 
 def log_prob_pass(
-    model: list[torch.nn.Module],
-    seqs: StepSequences,
-    micro_batch_size: int,
-    temperature: float,
-    masked: bool,
-    packed: bool = False,
+    model: list[torch.nn.Module], seqs: StepSequences, micro_batch_size: int, temperature: float, masked: bool
 ) -> torch.Tensor:
     """``log_prob_passes`` with one variant: the original images, or the masked ones when ``masked``."""
-    return log_prob_passes(model, seqs, [masked], micro_batch_size, temperature, packed=packed)[0]
+    return log_prob_passes(model, seqs, [masked], micro_batch_size, temperature)[0]
 
 
 def token_data_pass(
