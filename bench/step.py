@@ -12,7 +12,7 @@ Variants, timed in turn in every iteration of one run (median over iterations, e
 rank's): ``grpo``; ``papo`` (PAPO-G, masked log-probs without gradient: one extra forward-only pass);
 ``papo+masked_grad`` (the update carries original and masked images in a doubled micro-batch instead).
 Ratios are each variant's step time over ``grpo``'s. With one mini-batch (``--mini-batches 1``, the
-default) the update is on-policy and the old log-prob pass is skipped, as the trainer does.
+default) and ``--on-policy`` the old log-prob pass is skipped, as the trainer does on-policy.
 
 ``--lengths long-tail``: response lengths as rollouts have them (most short, a tail at the cap: see
 ``response_lengths``) instead of every sequence full. ``--pack both``: each variant padded and packed
@@ -31,7 +31,7 @@ on CPU the resident set's high-water mark (``VmHWM``, reset before each variant)
     python bench/step.py --size tiny                                    # CPU, seconds
     torchrun --nproc_per_node 2 bench/step.py --size tiny               # gloo, DP=2 (or --tp 2, --pp 2)
     python bench/step.py --size 3b --seq-length 2048                    # one GPU, bfloat16
-    python bench/step.py --size tiny --lengths long-tail --pack both --mini-batches 3
+    python bench/step.py --size tiny --lengths long-tail --pack both --on-policy
 """
 
 from __future__ import annotations
@@ -119,9 +119,12 @@ class RandomPolicy(Policy):
         return model.to(current_device())
 
 
-def timed_step(cfg: TrainConfig, policy: RandomPolicy, seqs: StepSequences) -> tuple[float, float, float]:
-    """The trainer's log-prob and update passes over ``seqs``: seconds of the log-prob passes, of the
-    update's forward + backward and of its optimizer step (this rank; all ranks start together)."""
+def timed_step(
+    cfg: TrainConfig, policy: RandomPolicy, seqs: StepSequences, on_policy: bool = False
+) -> tuple[float, float, float]:
+    """The trainer's log-prob and update passes over ``seqs`` (``on_policy``: without the old log-prob
+    pass): seconds of the log-prob passes, of the update's forward + backward and of its optimizer step
+    (this rank; all ranks start together)."""
     seqs.token_data = TokenData()
     policy.optimizer_s = 0.0
     trainer = cfg.trainer
@@ -136,7 +139,7 @@ def timed_step(cfg: TrainConfig, policy: RandomPolicy, seqs: StepSequences) -> t
         trainer.micro_batch_size,
         cfg.rollout.temperature,
         packed=trainer.pack_sequences,
-        on_policy=trainer.update_batch_size == trainer.rollout_batch_size,
+        on_policy=on_policy,
     )
     middle = _synchronized_time()
     update_pass(
@@ -312,7 +315,12 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--image-size", type=int, help="image side in pixels (tiny: 56, 3b: 448)")
     parser.add_argument("--micro-batch-size", type=int, default=1)
     parser.add_argument("--micro-batches", type=int, default=2, help="per data-parallel rank and step")
-    parser.add_argument("--mini-batches", type=int, default=1, help="optimizer steps per step (1: on-policy)")
+    parser.add_argument("--mini-batches", type=int, default=1, help="optimizer steps per step")
+    parser.add_argument(
+        "--on-policy",
+        action="store_true",
+        help="skip the old log-prob pass (as the trainer)",
+    )
     parser.add_argument("--lengths", choices=["full", "long-tail"], default="full", help="response lengths")
     parser.add_argument("--pack", choices=["off", "on", "both"], default="off", help="packed sequences")
     parser.add_argument("--tp", type=int, default=1)
@@ -331,6 +339,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
             setattr(args, key, value)
     if args.micro_batches % args.mini_batches:
         parser.error(f"--mini-batches {args.mini_batches} must divide --micro-batches {args.micro_batches}")
+    if args.on_policy and args.mini_batches != 1:
+        parser.error("--on-policy needs --mini-batches 1")
     return args
 
 
@@ -424,7 +434,7 @@ def run(
             cfg.algorithm, cfg.trainer.pack_sequences = algo, packed
             _reset_peak_memory()
             try:
-                phases = timed_step(cfg, policy, seqs)
+                phases = timed_step(cfg, policy, seqs, args.on_policy)
             except torch.OutOfMemoryError:  # one GPU: with more ranks the others would wait in a collective
                 samples[name] = None
                 torch.cuda.empty_cache()
@@ -460,7 +470,7 @@ def report(
     cuda = torch.cuda.is_available()
     device = torch.cuda.get_device_name() if cuda else "cpu"
     source = "--peak-tflops" if args.peak_tflops else ("H100 bf16 dense" if cuda else "measured matmul")
-    on_policy = args.mini_batches == 1
+    on_policy = args.on_policy
     print(
         f"model {arch.name} ({arch.params(1) / 1e6:.2f}M parameters), {device} {cfg.model.dtype}, "
         f"{world} ranks (TP{args.tp} PP{args.pp} DP{dp}), attention {args.attention}, recompute "
