@@ -61,16 +61,16 @@ class UpdateLoss:
         if self.objective is None:
             self.objective = build_objective(self.algo)
 
-    def __call__(self, batch: MicroBatch, logits: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+    def __call__(self, batch: MicroBatch, output: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
         copies = 2 if self.objective.masked_logits_in_update else 1
         if batch.packing is not None:
-            logits, *masked = (batch.packing.copy(logits, k) for k in range(copies))
+            parts = [batch.packing.copy(output, k) for k in range(copies)]
         else:
-            logits, *masked = logits.chunk(copies, dim=0)
-        masked_logits = masked[0] if masked else None
+            parts = list(output.chunk(copies, dim=0))
+        masked_logits = parts[1] if copies == 2 else None
         data = batch.token_data
         inputs = LossInputs(
-            logits,
+            parts[0],
             batch.labels,
             batch.loss_mask,
             batch.advantages,
