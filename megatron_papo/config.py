@@ -115,6 +115,11 @@ class TrainConfig:
                 "'noise' has none (its noise is on normalised pixels): use raw_grid, patch or precomputed, "
                 "or eval.interval=0"
             )
+        if self.trainer.pack_sequences and self.model.attention == "local":
+            raise ValueError(
+                "trainer.pack_sequences needs an attention backend that bounds packed sequences: "
+                "model.attention auto, sdpa or te (megatron-core's local attention takes no packed_seq_params)"
+            )
         if self.trainer.max_tokens_per_micro_batch and self.algorithm.vppo_tas_scope == "rank_micro_batch":
             raise ValueError(
                 "algorithm.vppo_tas_scope=rank_micro_batch averages over fixed micro-batches: unset "
