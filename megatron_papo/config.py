@@ -118,7 +118,7 @@ class TrainConfig:
         if self.trainer.pack_sequences and self.model.attention == "local":
             raise ValueError(
                 "trainer.pack_sequences needs an attention backend that bounds packed sequences: "
-                "model.attention auto, sdpa or te (megatron-core's local attention takes no packed_seq_params)"
+                "model.attention auto, sdpa or te (megatron-core's local attention takes no packed sequences)"
             )
         if self.trainer.max_tokens_per_micro_batch and self.algorithm.vppo_tas_scope == "rank_micro_batch":
             raise ValueError(
