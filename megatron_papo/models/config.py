@@ -106,7 +106,9 @@ def language_config(cfg: ModelConfig, hf_config) -> TransformerConfig:
         recompute_granularity="full" if cfg.recompute else None,
         recompute_method="uniform" if cfg.recompute else None,
         recompute_num_layers=1 if cfg.recompute else None,
-        variable_seq_lengths=pp > 1,  # packed micro-batches differ in length: stages exchange shapes
     )
     config.mrope_section = list(rope["mrope_section"])
+    # packed micro-batches differ in length: pipeline stages exchange activation shapes (set after
+    # construction: the check against MoE token dispatchers does not concern this dense model)
+    config.variable_seq_lengths = pp > 1
     return config
