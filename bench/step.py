@@ -356,6 +356,7 @@ def _config(args: argparse.Namespace, hf_path: str, dtype: str, parallel: Parall
             rollout_batch_size=sequences,
             update_batch_size=sequences // args.mini_batches,
             micro_batch_size=args.micro_batch_size,
+            pack_sequences=args.pack != "off",
         ),
     )
 

@@ -26,8 +26,9 @@ class TrainerConfig:
 
     Each step samples ``rollout_batch_size`` prompts x ``rollout.n`` responses, then takes
     ``ppo_epochs * rollout_batch_size / update_batch_size`` optimizer steps on them (reference: 384 / 128,
-    3 optimizer steps), ``micro_batch_size`` sequences per forward/backward. ``pack_sequences``: a
-    micro-batch's sequences are packed into one row without padding (``training.packing``; every pass).
+    3 optimizer steps), ``micro_batch_size`` sequences per forward/backward. ``pack_sequences`` (default on;
+    exact, ``tests/test_packing.py``): a micro-batch's sequences are packed into one row without padding
+    (``training.packing``; every pass).
     ``max_tokens_per_micro_batch`` > 0 (packed only): micro-batches of at most that many prompt + response
     tokens instead (a longer sequence alone; ``training.sequences.token_budget_bins``), few and balanced.
     """
@@ -39,7 +40,7 @@ class TrainerConfig:
     update_batch_size: int = 128
     micro_batch_size: int = 4
     ppo_epochs: int = 1
-    pack_sequences: bool = False
+    pack_sequences: bool = True
     max_tokens_per_micro_batch: int = 0
     exit_after_steps: int = 0  # stop this invocation after N steps with a checkpoint (SLURM time limits)
     max_bad_steps: int = 3  # consecutive steps with a NaN/inf loss or gradient (skipped) before a stop
