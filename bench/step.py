@@ -11,7 +11,15 @@ weight sync are not timed.
 Variants, timed in turn in every iteration of one run (median over iterations, each time the slowest
 rank's): ``grpo``; ``papo`` (PAPO-G, masked log-probs without gradient: one extra forward-only pass);
 ``papo+masked_grad`` (the update carries original and masked images in a doubled micro-batch instead).
-Ratios are each variant's step time over ``grpo``'s.
+Ratios are each variant's step time over ``grpo``'s. With one mini-batch (``--mini-batches 1``, the
+default) and ``--on-policy`` the old log-prob pass is skipped, as the trainer does on-policy.
+
+``--lengths long-tail``: response lengths as rollouts have them (most short, a tail at the cap: see
+``response_lengths``) instead of every sequence full. ``--pack both``: each variant padded and packed
+(``trainer.pack_sequences``), with the columns ``pad_frac`` (padding tokens / all the tokens the model
+runs), ``vs_padded`` (the padded row's step time over this one's), ``fwd_ms`` (one forward-only pass over
+the batch, measured in the same iterations) and ``floor`` (for PAPO-G: the one-forward-pass floor of its
+ratio to GRPO, 1 + fwd_ms / GRPO's step_ms); ``tokens/s`` and the MFU count real tokens only.
 
 MFU: model FLOPs of the step (``megatron_papo.planner.flops``: a forward for each log-prob pass, three
 for the update) over time x ranks x peak. Peak: ``--peak-tflops`` per rank (default on CUDA: H100 bf16
@@ -23,6 +31,7 @@ on CPU the resident set's high-water mark (``VmHWM``, reset before each variant)
     python bench/step.py --size tiny                                    # CPU, seconds
     torchrun --nproc_per_node 2 bench/step.py --size tiny               # gloo, DP=2 (or --tp 2, --pp 2)
     python bench/step.py --size 3b --seq-length 2048                    # one GPU, bfloat16
+    python bench/step.py --size tiny --lengths long-tail --pack both --on-policy
 """
 
 from __future__ import annotations
@@ -31,7 +40,7 @@ import argparse
 import statistics
 import tempfile
 import time
-from dataclasses import fields
+from dataclasses import dataclass, fields
 from functools import partial
 
 import torch
@@ -49,8 +58,14 @@ from megatron_papo.planner.flops import language_forward_flops, vision_forward_f
 from megatron_papo.policy import Policy
 from megatron_papo.rollout.config import RolloutConfig
 from megatron_papo.training.optimizer import OptimizerConfig
-from megatron_papo.training.passes import token_data_pass, update_pass
-from megatron_papo.training.sequences import StepSequences, TokenData, build_sequences
+from megatron_papo.training.passes import log_prob_passes, token_data_pass, update_pass
+from megatron_papo.training.sequences import (
+    StepSequences,
+    TokenData,
+    build_sequences,
+    micro_batch,
+    micro_batches,
+)
 
 MIB = 2**20
 H100_BF16_DENSE_TFLOPS = 989.0
@@ -77,6 +92,8 @@ HEADER = (
     "peak_MiB",
     "vs_grpo",
 )
+PACKING_HEADER = ("pad_frac", "vs_padded", "fwd_ms", "floor")
+LONG_TAIL_AT_CAP = 0.15  # the share of responses that hit the cap in the long-tailed mode
 
 
 class RandomPolicy(Policy):
@@ -102,9 +119,12 @@ class RandomPolicy(Policy):
         return model.to(current_device())
 
 
-def timed_step(cfg: TrainConfig, policy: RandomPolicy, seqs: StepSequences) -> tuple[float, float, float]:
-    """The trainer's log-prob and update passes over ``seqs``: seconds of the log-prob passes, of the
-    update's forward + backward and of its optimizer step (this rank; all ranks start together)."""
+def timed_step(
+    cfg: TrainConfig, policy: RandomPolicy, seqs: StepSequences, on_policy: bool = False
+) -> tuple[float, float, float]:
+    """The trainer's log-prob and update passes over ``seqs`` (``on_policy``: without the old log-prob
+    pass): seconds of the log-prob passes, of the update's forward + backward and of its optimizer step
+    (this rank; all ranks start together)."""
     seqs.token_data = TokenData()
     policy.optimizer_s = 0.0
     trainer = cfg.trainer
@@ -112,7 +132,14 @@ def timed_step(cfg: TrainConfig, policy: RandomPolicy, seqs: StepSequences) -> t
     start = _synchronized_time()
     objective = build_objective(cfg.algorithm)
     token_data_pass(
-        policy.model, policy.ref_model, objective, seqs, trainer.micro_batch_size, cfg.rollout.temperature
+        policy.model,
+        policy.ref_model,
+        objective,
+        seqs,
+        trainer.micro_batch_size,
+        cfg.rollout.temperature,
+        packed=trainer.pack_sequences,
+        on_policy=on_policy,
     )
     middle = _synchronized_time()
     update_pass(
@@ -125,9 +152,25 @@ def timed_step(cfg: TrainConfig, policy: RandomPolicy, seqs: StepSequences) -> t
         temperature=cfg.rollout.temperature,
         progress=0.0,
         generator=torch.Generator().manual_seed(trainer.seed),
+        packed=trainer.pack_sequences,
     )
     update = _synchronized_time() - middle
     return middle - start, update - policy.optimizer_s, policy.optimizer_s
+
+
+def timed_forward(cfg: TrainConfig, policy: RandomPolicy, seqs: StepSequences) -> float:
+    """Seconds of one forward-only pass over ``seqs`` (the original images; all ranks start together)."""
+    dist.barrier()
+    start = _synchronized_time()
+    log_prob_passes(
+        policy.model,
+        seqs,
+        [False],
+        cfg.trainer.micro_batch_size,
+        cfg.rollout.temperature,
+        packed=cfg.trainer.pack_sequences,
+    )
+    return _synchronized_time() - start
 
 
 def to_device(seqs: StepSequences, device: str) -> StepSequences:
@@ -161,11 +204,23 @@ def algorithms(ref_kl: bool) -> dict[str, AlgorithmConfig]:
     }
 
 
+def response_lengths(count: int, cap: int, long_tail: bool, generator: torch.Generator) -> list[int]:
+    """``count`` response lengths: all ``cap``, or long-tailed like rollouts: ``LONG_TAIL_AT_CAP`` of them
+    (and the first) hit the cap, the others are geometric with mean ``cap / 8`` (at least 1)."""
+    if not long_tail:
+        return [cap] * count
+    at_cap = torch.rand(count, generator=generator) < LONG_TAIL_AT_CAP
+    short = torch.empty(count).geometric_(8 / cap, generator=generator).long().clamp(1, cap)
+    lengths = torch.where(at_cap, cap, short).tolist()
+    return [cap, *lengths[1:]]
+
+
 def synthetic_sequences(
-    config, count: int, length: int, image_size: int, seed: int
+    config, count: int, length: int, image_size: int, seed: int, long_tail: bool = False
 ) -> tuple[StepSequences, torch.Tensor]:
-    """``count`` sequences of exactly ``length`` tokens: one ``image_size``-pixel square image, then
-    ``PROMPT_TEXT`` text tokens, then the response; masked images have 60% of their patches zeroed.
+    """``count`` sequences of up to ``length`` tokens: one ``image_size``-pixel square image, then
+    ``PROMPT_TEXT`` text tokens, then the response (filling ``length``, or ``response_lengths``'
+    long-tailed ones, padded to ``length``); masked images have 60% of their patches zeroed.
     ``config``: the model's HF config. Returns the sequences and the images' grid [1, 3] (the same for
     all)."""
     vision = config.vision_config
@@ -185,7 +240,8 @@ def synthetic_sequences(
         [config.vision_start_token_id] + [config.image_token_id] * image_tokens + [config.vision_end_token_id]
     )
     prompts = [torch.cat([torch.tensor(image), torch.randint(vocab, (PROMPT_TEXT,), generator=g)])] * count
-    responses = [torch.randint(vocab, (response,), generator=g) for _ in range(count)]
+    lengths = response_lengths(count, response, long_tail, g)
+    responses = [torch.randint(vocab, (n,), generator=g) for n in lengths]
     width = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
     pixels = [torch.randn(patches, width, generator=g) for _ in range(count)]
     masked = [x * (torch.rand(patches, 1, generator=g) >= 0.6) for x in pixels]
@@ -203,19 +259,22 @@ def synthetic_sequences(
     return seqs, grid
 
 
-def forward_flops(arch: ModelArch, sequences: int, length: int, grid: torch.Tensor) -> int:
-    """Model FLOPs of one forward pass over ``sequences`` sequences, each with one image of ``grid``."""
+def forward_flops(arch: ModelArch, sequences: int, length: int | list[int], grid: torch.Tensor) -> int:
+    """Model FLOPs of one forward pass over ``sequences`` sequences of ``length`` tokens (or one length
+    per sequence), each with one image of ``grid``."""
     _, h, w = grid[0].tolist()
-    return language_forward_flops(arch.language, sequences, length) + sequences * vision_forward_flops(
-        arch.vision, h, w
-    )
+    lengths = [length] * sequences if isinstance(length, int) else length
+    language = sum(language_forward_flops(arch.language, 1, n) for n in lengths)
+    return language + sequences * vision_forward_flops(arch.vision, h, w)
 
 
-def forward_passes(algo: AlgorithmConfig) -> tuple[int, int]:
+def forward_passes(algo: AlgorithmConfig, on_policy: bool) -> tuple[int, int]:
     """Forward-pass equivalents of a step's log-prob passes and of its update (forward + backward: 3;
-    ``masked_grad`` doubles the update's micro-batches), as ``Trainer`` runs them."""
+    ``masked_grad`` doubles the update's micro-batches), as ``Trainer`` runs them (``on_policy``: no old
+    log-prob pass)."""
     objective = build_objective(algo)
-    log_prob = 1 + int(objective.masked_log_probs_needed) + int(objective.ref_log_probs_needed)
+    old = int(not on_policy or objective.old_log_probs_in_prepare)
+    log_prob = old + int(objective.masked_log_probs_needed) + int(objective.ref_log_probs_needed)
     return log_prob, 3 * (2 if objective.masked_logits_in_update else 1)
 
 
@@ -256,6 +315,14 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--image-size", type=int, help="image side in pixels (tiny: 56, 3b: 448)")
     parser.add_argument("--micro-batch-size", type=int, default=1)
     parser.add_argument("--micro-batches", type=int, default=2, help="per data-parallel rank and step")
+    parser.add_argument("--mini-batches", type=int, default=1, help="optimizer steps per step")
+    parser.add_argument(
+        "--on-policy",
+        action="store_true",
+        help="skip the old log-prob pass (as the trainer)",
+    )
+    parser.add_argument("--lengths", choices=["full", "long-tail"], default="full", help="response lengths")
+    parser.add_argument("--pack", choices=["off", "on", "both"], default="off", help="packed sequences")
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--pp", type=int, default=1)
     parser.add_argument("--dtype", choices=["bfloat16", "float32"], help="default: cuda bf16, cpu fp32")
@@ -270,6 +337,10 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     for key, value in DEFAULTS[args.size].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if args.micro_batches % args.mini_batches:
+        parser.error(f"--mini-batches {args.mini_batches} must divide --micro-batches {args.micro_batches}")
+    if args.on_policy and args.mini_batches != 1:
+        parser.error("--on-policy needs --mini-batches 1")
     return args
 
 
@@ -283,35 +354,88 @@ def _config(args: argparse.Namespace, hf_path: str, dtype: str, parallel: Parall
         trainer=TrainerConfig(
             steps=1,
             rollout_batch_size=sequences,
-            update_batch_size=sequences,
+            update_batch_size=sequences // args.mini_batches,
             micro_batch_size=args.micro_batch_size,
+            pack_sequences=args.pack != "off",
         ),
     )
 
 
-def run(args: argparse.Namespace, cfg: TrainConfig) -> tuple[dict[str, list[float] | None], torch.Tensor]:
+def packings(args: argparse.Namespace) -> list[bool]:
+    return {"off": [False], "on": [True], "both": [False, True]}[args.pack]
+
+
+def variants(args: argparse.Namespace) -> dict[str, tuple[AlgorithmConfig, bool]]:
+    """Name -> (algorithm, packed): ``algorithms`` at each of the ``--pack`` settings."""
+    return {
+        name + ("/packed" if packed else ""): (algo, packed)
+        for packed in packings(args)
+        for name, algo in algorithms(args.ref_kl).items()
+    }
+
+
+@dataclass
+class Work:
+    """One step's work over all DP ranks: real tokens, the tokens the padded and the packed model inputs
+    hold, and the model FLOPs of one forward pass over the real tokens."""
+
+    tokens: float
+    padded_tokens: float
+    packed_tokens: float
+    forward_flops: float
+
+
+def step_work(arch: ModelArch, cfg: TrainConfig, seqs: StepSequences, grid: torch.Tensor) -> Work:
+    """``Work`` of this DP rank's ``seqs``, summed over the DP ranks."""
+    lengths = seqs.attention_mask.sum(-1).tolist()
+    rows = micro_batches(seqs, torch.arange(len(seqs)), cfg.trainer.micro_batch_size)
+    packed = sum(micro_batch(seqs, idx, packed=True).input_ids.shape[1] for idx in rows)
+    flops = forward_flops(arch, len(seqs), lengths, grid)
+    figures = [sum(lengths), seqs.attention_mask.numel(), packed, flops]
+    summed = torch.tensor(figures, dtype=torch.float64, device=current_device())
+    dist.all_reduce(summed, group=ps.get_data_parallel_group())
+    return Work(*summed.tolist())
+
+
+def run(
+    args: argparse.Namespace, cfg: TrainConfig
+) -> tuple[dict[str, list[float] | None], dict[bool, float], Work, torch.Tensor]:
     """Per variant: [median seconds of the step, its log-prob passes, its forward + backward and its
     optimizer step; peak memory bytes], each the largest rank's figure, or None where it ran out of GPU
-    memory; and the images' grid [1, 3]."""
-    variants = algorithms(args.ref_kl)
+    memory; per packing, the median seconds of one forward-only pass; the step's ``Work``; the images'
+    grid [1, 3]."""
+    named = variants(args)
     rounds = args.warmup + args.iters
-    policy = RandomPolicy(cfg, rounds * len(variants), with_ref=args.ref_kl, with_engine=False)
+    policy = RandomPolicy(cfg, rounds * len(named), with_ref=args.ref_kl, with_engine=False)
     count = args.micro_batch_size * args.micro_batches
     seqs, grid = synthetic_sequences(
-        policy.hf_config, count, args.seq_length, args.image_size, args.seed + ps.get_data_parallel_rank()
+        policy.hf_config,
+        count,
+        args.seq_length,
+        args.image_size,
+        args.seed + ps.get_data_parallel_rank(),
+        long_tail=args.lengths == "long-tail",
     )
+    work = step_work(SIZES[args.size], cfg, seqs, grid)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     seqs = to_device(seqs, device)
-    samples: dict[str, list[list[float]] | None] = {name: [] for name in variants}
-    peaks = dict.fromkeys(variants, 0.0)
+    samples: dict[str, list[list[float]] | None] = {name: [] for name in named}
+    forward: dict[bool, list[float]] = {packed: [] for packed in packings(args)}
+    peaks = dict.fromkeys(named, 0.0)
     for round_ in range(rounds):
-        for name, algo in variants.items():  # interleaved: drifts of a shared machine hit all alike
+        for packed in forward:
+            cfg.trainer.pack_sequences = packed
+            seconds = torch.tensor([timed_forward(cfg, policy, seqs)], dtype=torch.float64, device=device)
+            dist.all_reduce(seconds, op=dist.ReduceOp.MAX)
+            if round_ >= args.warmup:
+                forward[packed].append(float(seconds))
+        for name, (algo, packed) in named.items():  # interleaved: drifts of a shared machine hit all alike
             if samples[name] is None:
                 continue
-            cfg.algorithm = algo
+            cfg.algorithm, cfg.trainer.pack_sequences = algo, packed
             _reset_peak_memory()
             try:
-                phases = timed_step(cfg, policy, seqs)
+                phases = timed_step(cfg, policy, seqs, args.on_policy)
             except torch.OutOfMemoryError:  # one GPU: with more ranks the others would wait in a collective
                 samples[name] = None
                 torch.cuda.empty_cache()
@@ -326,7 +450,7 @@ def run(args: argparse.Namespace, cfg: TrainConfig) -> tuple[dict[str, list[floa
         name: None if runs is None else [*map(statistics.median, zip(*runs, strict=True)), peaks[name]]
         for name, runs in samples.items()
     }
-    return results, grid
+    return results, {k: statistics.median(v) for k, v in forward.items()}, work, grid
 
 
 def _row(cells: list[str]) -> str:
@@ -337,47 +461,61 @@ def report(
     args: argparse.Namespace,
     cfg: TrainConfig,
     results: dict[str, list[float] | None],
+    forward_s: dict[bool, float],
+    work: Work,
     grid: torch.Tensor,
     peak: float,
 ) -> None:
     """Print the setup and one row per variant; ``peak``: the FLOP/s of all ranks together."""
     arch, world, dp = SIZES[args.size], dist.get_world_size(), ps.get_data_parallel_world_size()
-    count = args.micro_batch_size * args.micro_batches
-    forward = dp * forward_flops(arch, count, args.seq_length, grid)
-    tokens = dp * count * args.seq_length
     cuda = torch.cuda.is_available()
     device = torch.cuda.get_device_name() if cuda else "cpu"
     source = "--peak-tflops" if args.peak_tflops else ("H100 bf16 dense" if cuda else "measured matmul")
+    on_policy = args.on_policy
     print(
         f"model {arch.name} ({arch.params(1) / 1e6:.2f}M parameters), {device} {cfg.model.dtype}, "
         f"{world} ranks (TP{args.tp} PP{args.pp} DP{dp}), attention {args.attention}, recompute "
         f"{args.recompute}, reference KL {args.ref_kl}"
     )
     print(
-        f"per DP rank: {args.micro_batches} micro-batches x {args.micro_batch_size} sequences x "
-        f"{args.seq_length} tokens, one {args.image_size}px image ({int(grid[0].prod())} patches) each"
+        f"per DP rank: {args.micro_batches} micro-batches x {args.micro_batch_size} sequences of up to "
+        f"{args.seq_length} tokens ({args.lengths} responses: {work.tokens / dp:.0f} real tokens), one "
+        f"{args.image_size}px image ({int(grid[0].prod())} patches) each; {args.mini_batches} mini-batches "
+        f"({'on-policy: no old log-prob pass' if on_policy else 'with the old log-prob pass'})"
     )
     print(
-        f"peak {peak / world / 1e12:.4g} TFLOP/s per rank ({source}); a forward pass {forward / 1e9:.4g} "
-        f"GFLOP; median of {args.iters} iterations after {args.warmup} warm-up"
+        f"peak {peak / world / 1e12:.4g} TFLOP/s per rank ({source}); a forward pass "
+        f"{work.forward_flops / 1e9:.4g} GFLOP; median of {args.iters} iterations after {args.warmup} warm-up"
     )
-    print(_row(list(HEADER)))
-    variants = algorithms(args.ref_kl)
-    baseline = results["grpo"]
+    header = list(HEADER) + (list(PACKING_HEADER) if args.pack != "off" else [])
+    print(_row(header))
     for name, figures in results.items():
         if figures is None:
-            print(_row([name] + ["OOM"] * (len(HEADER) - 1)))
+            print(_row([name] + ["OOM"] * (len(header) - 1)))
             continue
+        algo, packed = variants(args)[name]
         *seconds, memory = figures
         step_s, _, fwd_bwd_s, _ = seconds
-        log_prob_passes, update_passes = forward_passes(variants[name])
+        baseline = results["grpo/packed" if packed else "grpo"]
+        log_prob_passes, update_passes = forward_passes(algo, on_policy)
         cells = [f"{x * 1e3:.1f}" for x in seconds] + [
-            f"{tokens / step_s:.1f}",
-            f"{(log_prob_passes + update_passes) * forward / step_s / peak:.4f}",
-            f"{update_passes * forward / fwd_bwd_s / peak:.4f}",
+            f"{work.tokens / step_s:.1f}",
+            f"{(log_prob_passes + update_passes) * work.forward_flops / step_s / peak:.4f}",
+            f"{update_passes * work.forward_flops / fwd_bwd_s / peak:.4f}",
             f"{memory / MIB:.1f}",
             f"{step_s / baseline[0]:.3f}" if baseline else "-",
         ]
+        if args.pack != "off":
+            padded = results.get(name.removesuffix("/packed"))
+            model_tokens = work.packed_tokens if packed else work.padded_tokens
+            papo_g = baseline and name in ("papo", "papo/packed")  # one forward-only pass more than GRPO
+            floor = 1 + forward_s[packed] / baseline[0] if papo_g else None
+            cells += [
+                f"{1 - work.tokens / model_tokens:.3f}",
+                f"{padded[0] / step_s:.3f}" if padded else "-",
+                f"{forward_s[packed] * 1e3:.1f}",
+                f"{floor:.3f}" if floor is not None else "-",
+            ]
         print(_row([name, *cells]))
 
 
@@ -398,9 +536,9 @@ def main(argv: list[str] | None = None) -> None:
         with tempfile.TemporaryDirectory() as hf_path:  # config.json only: the weights stay random
             SIZES[args.size].to_hf_config().save_pretrained(hf_path)
             cfg = _config(args, hf_path, dtype, parallel)
-            results, grid = run(args, cfg)
+            results, forward_s, work, grid = run(args, cfg)
         if dist.get_rank() == 0:
-            report(args, cfg, results, grid, float(total_peak))
+            report(args, cfg, results, forward_s, work, grid, float(total_peak))
     finally:
         destroy_distributed()
 

@@ -26,7 +26,11 @@ class TrainerConfig:
 
     Each step samples ``rollout_batch_size`` prompts x ``rollout.n`` responses, then takes
     ``ppo_epochs * rollout_batch_size / update_batch_size`` optimizer steps on them (reference: 384 / 128,
-    3 optimizer steps), ``micro_batch_size`` sequences per forward/backward.
+    3 optimizer steps), ``micro_batch_size`` sequences per forward/backward. ``pack_sequences`` (default on;
+    exact, ``tests/test_packing.py``): a micro-batch's sequences are packed into one row without padding
+    (``training.packing``; every pass).
+    ``max_tokens_per_micro_batch`` > 0 (packed only): micro-batches of at most that many prompt + response
+    tokens instead (a longer sequence alone; ``training.sequences.token_budget_bins``), few and balanced.
     """
 
     output_dir: str = "runs/papo"
@@ -36,6 +40,8 @@ class TrainerConfig:
     update_batch_size: int = 128
     micro_batch_size: int = 4
     ppo_epochs: int = 1
+    pack_sequences: bool = False  # exact (tests/test_packing*.py); to be the default after a suite run
+    max_tokens_per_micro_batch: int = 0
     exit_after_steps: int = 0  # stop this invocation after N steps with a checkpoint (SLURM time limits)
     max_bad_steps: int = 3  # consecutive steps with a NaN/inf loss or gradient (skipped) before a stop
 
@@ -52,6 +58,12 @@ class TrainerConfig:
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"trainer.{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_tokens_per_micro_batch < 0:
+            raise ValueError(
+                f"trainer.max_tokens_per_micro_batch must be >= 0, got {self.max_tokens_per_micro_batch}"
+            )
+        if self.max_tokens_per_micro_batch and not self.pack_sequences:
+            raise ValueError("trainer.max_tokens_per_micro_batch needs trainer.pack_sequences=true")
         if self.rollout_batch_size % self.update_batch_size:
             raise ValueError(
                 f"trainer.rollout_batch_size ({self.rollout_batch_size}) must be a multiple of "
@@ -104,6 +116,16 @@ class TrainConfig:
                 "eval with rollout.backend=vllm sends masked images to the servers, and masking.strategy="
                 "'noise' has none (its noise is on normalised pixels): use raw_grid, patch or precomputed, "
                 "or eval.interval=0"
+            )
+        if self.trainer.pack_sequences and self.model.attention == "local":
+            raise ValueError(
+                "trainer.pack_sequences needs an attention backend that bounds packed sequences: "
+                "model.attention auto, sdpa or te (megatron-core's local attention takes no packed sequences)"
+            )
+        if self.trainer.max_tokens_per_micro_batch and self.algorithm.vppo_tas_scope == "rank_micro_batch":
+            raise ValueError(
+                "algorithm.vppo_tas_scope=rank_micro_batch averages over fixed micro-batches: unset "
+                "trainer.max_tokens_per_micro_batch or use vppo_tas_scope=batch"
             )
         if self.algorithm.overlong_buffer > self.rollout.max_new_tokens:
             raise ValueError(

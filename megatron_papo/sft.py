@@ -24,7 +24,7 @@ from megatron_papo.training.sequences import (
     StepSequences,
     build_sequences,
     micro_batch,
-    micro_batch_indices,
+    micro_batches,
     padded_length,
 )
 
@@ -73,14 +73,19 @@ class SFTTrainer(TrainingLoop):
         seqs = self._batch()
         tokens = seqs.loss_mask.sum().reshape(1).to(current_device())
         dist.all_reduce(tokens, group=ps.get_data_parallel_group())
-        order = torch.arange(len(seqs))
-        batches = [
-            micro_batch(seqs, idx) for idx in micro_batch_indices(order, self.cfg.trainer.micro_batch_size)
-        ]
+        trainer = self.cfg.trainer
+        rows = micro_batches(
+            seqs,
+            torch.arange(len(seqs)),
+            trainer.micro_batch_size,
+            trainer.max_tokens_per_micro_batch,
+            trainer.pack_sequences,
+        )
+        batches = [micro_batch(seqs, idx, packed=trainer.pack_sequences) for idx in rows]
         scale = len(batches) * self.dp_size / float(tokens)  # exact token mean over the global batch
 
         def loss_fn(batch: MicroBatch, logits: torch.Tensor) -> tuple[torch.Tensor, dict]:
-            lp, _ = token_log_probs(logits, batch.labels, temperature=1.0)  # plain NLL
+            lp, _ = token_log_probs(logits, batch.labels, 1.0, batch.packing)  # plain NLL
             nll = -(lp * batch.loss_mask).sum()
             return nll * scale, {"actor/loss": nll.detach() / batch.loss_mask.sum().clamp(min=1)}
 

@@ -11,10 +11,12 @@ One step, on every rank:
    error), pooling kept groups across DP ranks (``training.dynamic_sampling``). Kept prompts get one
    masked copy of their images when the objective uses them (seeded by step and prompt id). Scores get
    DAPO's soft overlong punishment (``algorithm.overlong_buffer``), then GRPO group normalisation.
-4. **Log-probs without gradient**: the pre-update policy (old), the masked images (the reference
-   default, unless ``algorithm.masked_grad``) and the reference model (when its KL term is on), through
-   megatron-core's forward-only schedule. With ``algorithm.ref_kl_in_reward`` the reference KL is a
-   penalty on the scores (fixed or adaptive coefficient) and the advantages are recomputed.
+4. **Log-probs without gradient**: the pre-update policy (old; skipped on-policy, one epoch of one
+   mini-batch: the update's own forward gives them), the masked images (the reference default, unless
+   ``algorithm.masked_grad``; in the same schedule call as the old ones) and the reference model (when its
+   KL term is on), through megatron-core's forward-only schedule. With ``algorithm.ref_kl_in_reward``
+   the reference KL is a penalty on the scores (fixed or adaptive coefficient) and the advantages are
+   recomputed.
 5. **Updates**: ``ppo_epochs`` passes over shuffled mini-batches, each through the forward-backward
    schedule with the PAPO loss on the last pipeline stage, then DDP gradient reduction, clipping and one
    optimizer step. With ``masked_grad`` a micro-batch carries the original and masked images together.
@@ -280,8 +282,18 @@ class Trainer(TrainingLoop):
             seqs,
             cfg.trainer.micro_batch_size,
             cfg.rollout.temperature,
+            packed=cfg.trainer.pack_sequences,
+            max_tokens=cfg.trainer.max_tokens_per_micro_batch,
+            on_policy=self._on_policy(),
         )
         return time.monotonic() - start
+
+    def _on_policy(self) -> bool:
+        """One epoch of one mini-batch, and no reference KL in the reward (it reads the old log-probs
+        before the update): the update's own log-probs are the old ones, no pass computes them."""
+        trainer = self.cfg.trainer
+        one_update = trainer.ppo_epochs == 1 and trainer.rollout_batch_size == trainer.update_batch_size
+        return one_update and self.kl_controller is None
 
     def _reference_kl_reward(self, seqs: StepSequences, scores: torch.Tensor) -> dict[str, float]:
         """``ref_kl_in_reward``: scores minus the KL-controller coefficient times each response's summed KL
@@ -330,6 +342,8 @@ class Trainer(TrainingLoop):
             temperature=cfg.rollout.temperature,
             progress=(self.step - 1) / cfg.trainer.steps,
             generator=torch.Generator().manual_seed(seed),
+            packed=cfg.trainer.pack_sequences,
+            max_tokens=cfg.trainer.max_tokens_per_micro_batch,
         )
         keys = {k for r in results for k in r.metrics}
         metrics = {k: _mean([r.metrics[k] for r in results if k in r.metrics]) for k in keys}

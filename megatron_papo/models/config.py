@@ -108,4 +108,7 @@ def language_config(cfg: ModelConfig, hf_config) -> TransformerConfig:
         recompute_num_layers=1 if cfg.recompute else None,
     )
     config.mrope_section = list(rope["mrope_section"])
+    # packed micro-batches differ in length: pipeline stages exchange activation shapes (set after
+    # construction: the check against MoE token dispatchers does not concern this dense model)
+    config.variable_seq_lengths = pp > 1
     return config

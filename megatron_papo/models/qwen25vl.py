@@ -14,6 +14,7 @@ from megatron.core import tensor_parallel
 from megatron.core.enums import ModelType
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 from megatron.core.transformer.transformer_config import TransformerConfig
@@ -58,6 +59,8 @@ class Qwen25VLModel(MegatronModule):
     right padding; the causal mask already keeps tokens from seeing the padding after them),
     pixel_values [patches, 3*2*14*14] | None, image_grid_thw [images, 3] | None)
     -> logits [b, s, vocab/tp] on the last stage, hidden states [s, b, hidden] elsewhere.
+    Packed sequences (``training.packing``): b = 1, the row's segments in ``packed_seq_params`` (thd), each
+    with its own positions; no attention crosses a segment boundary (SDPA per segment, TE varlen).
     Original and masked images go through the same call (masking is in pixel space).
     """
 
@@ -127,6 +130,7 @@ class Qwen25VLModel(MegatronModule):
         attention_mask: torch.Tensor | None = None,
         pixel_values: torch.Tensor | None = None,
         image_grid_thw: torch.Tensor | None = None,
+        packed_seq_params: PackedSeqParams | None = None,
     ) -> torch.Tensor:
         b, s = input_ids.shape
         if position_ids.shape != (3, b, s):
@@ -138,7 +142,11 @@ class Qwen25VLModel(MegatronModule):
             raise ValueError(f"sequence parallelism needs sequence length {s} to be a multiple of TP {tp}")
         decoder_input = self.embed(input_ids, pixel_values, image_grid_thw) if self.pre_process else None
         return self.language_model(
-            input_ids=None, position_ids=position_ids, attention_mask=None, decoder_input=decoder_input
+            input_ids=None,
+            position_ids=position_ids,
+            attention_mask=None,
+            decoder_input=decoder_input,
+            packed_seq_params=packed_seq_params,
         )
 
 

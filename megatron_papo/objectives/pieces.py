@@ -23,6 +23,7 @@ from megatron_papo.ops.vocab_parallel import (
     log_probs_entropies_and_kl,
 )
 from megatron_papo.papo.config import AlgorithmConfig, LossAggMode
+from megatron_papo.training.packing import Packing, flat_tokens, token_rows
 
 # ------------------------------------------------------------------------------------------ aggregation
 
@@ -158,50 +159,58 @@ def token_stats(
     labels: torch.Tensor,
     loss_mask: torch.Tensor,
     advantages: torch.Tensor,
-    old_log_probs: torch.Tensor,
+    old_log_probs: torch.Tensor | None,
     temperature: float,
     masked_logits: torch.Tensor | None = None,
     masked_log_probs: torch.Tensor | None = None,
     masked_grad: bool = False,
+    packing: Packing | None = None,
 ) -> TokenStats:
     """Check one micro-batch's inputs and compute its ``TokenStats``, vocab-parallel.
 
-    logits: [b, s, vocab/tp] (with gradient); labels, loss_mask, old_log_probs: [b, s] (labels[t] is the
-    token logits[t] scores); advantages: [b]. The masked image as ``masked_logits`` [b, s, vocab/tp] (with
-    gradient when ``masked_grad``, else detached) or as precomputed ``masked_log_probs`` [b, s].
+    logits: [b, s, vocab/tp] (with gradient), or packed [t, vocab/tp] (the micro-batch's real tokens,
+    ``packing``: the stats are scattered back to [b, s], 0 on padding); labels, loss_mask, old_log_probs:
+    [b, s] (labels[t] is the token logits[t] scores; ``old_log_probs`` None: on-policy, the current
+    log-probs without gradient); advantages: [b]. The masked image as ``masked_logits`` (logits' shape;
+    with gradient when ``masked_grad``, else detached) or as precomputed ``masked_log_probs`` [b, s].
     """
-    b, s, v = logits.shape
-    if labels.shape != (b, s) or loss_mask.shape != (b, s) or old_log_probs.shape != (b, s):
+    b, s = labels.shape
+    if loss_mask.shape != (b, s) or (old_log_probs is not None and old_log_probs.shape != (b, s)):
+        old_shape = None if old_log_probs is None else tuple(old_log_probs.shape)
         raise ValueError(
-            f"labels, loss_mask and old_log_probs must be [{b}, {s}], got {tuple(labels.shape)}, "
-            f"{tuple(loss_mask.shape)}, {tuple(old_log_probs.shape)}"
+            f"loss_mask and old_log_probs must be [{b}, {s}], got {tuple(loss_mask.shape)}, {old_shape}"
         )
+    expected = (b, s) if packing is None else (packing.tokens,)
+    if logits.shape[:-1] != expected:
+        raise ValueError(f"logits {tuple(logits.shape)} must be [{', '.join(map(str, expected))}, vocab/tp]")
     if advantages.shape != (b,):
         raise ValueError(f"advantages must be [{b}], got {tuple(advantages.shape)}")
     if not torch.isfinite(advantages).all():
         raise ValueError(f"advantages must be finite, got {advantages.tolist()}")
     # counts and sums in float32 (float64 for float64 logits), never in bfloat16
     mask = loss_mask.to(torch.float64 if logits.dtype == torch.float64 else torch.float32)
-    targets = torch.where(mask > 0, labels, 0).flatten()  # padding may hold an ignore index such as -100
+    targets = torch.where(mask > 0, labels, 0)  # padding may hold an ignore index such as -100
+    rows, targets = flat_tokens(logits, targets, packing)
     masked_entropy = exact_kl = None
     if masked_logits is not None:
         if masked_logits.shape != logits.shape:
-            raise ValueError(f"masked_logits {tuple(masked_logits.shape)} must match logits {(b, s, v)}")
+            raise ValueError(
+                f"masked_logits {tuple(masked_logits.shape)} must match logits {tuple(logits.shape)}"
+            )
         q = masked_logits if masked_grad else masked_logits.detach()
-        stats = log_probs_entropies_and_kl(
-            logits.reshape(b * s, v), q.reshape(b * s, v), targets, temperature
-        )
-        lp, entropy, lp_mask, masked_entropy, exact_kl = (x.view(b, s) for x in stats)
+        q_rows, _ = flat_tokens(q, labels, packing)
+        stats = log_probs_entropies_and_kl(rows, q_rows, targets, temperature)
+        lp, entropy, lp_mask, masked_entropy, exact_kl = (token_rows(x, (b, s), packing) for x in stats)
     else:
         lp, entropy = (
-            x.view(b, s) for x in log_probs_and_entropy(logits.reshape(b * s, v), targets, temperature)
+            token_rows(x, (b, s), packing) for x in log_probs_and_entropy(rows, targets, temperature)
         )
         lp_mask = None
         if masked_log_probs is not None:
             if masked_log_probs.shape != (b, s):
                 raise ValueError(f"masked_log_probs must be [{b}, {s}], got {tuple(masked_log_probs.shape)}")
             lp_mask = response_values("masked_log_probs", masked_log_probs, mask, lp)
-    old = response_values("old_log_probs", old_log_probs, mask, lp)
+    old = lp.detach() if old_log_probs is None else response_values("old_log_probs", old_log_probs, mask, lp)
     return TokenStats(mask, lp, entropy, old, lp_mask, masked_entropy, exact_kl)
 
 

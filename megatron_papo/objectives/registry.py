@@ -26,6 +26,7 @@ import torch.distributed as dist
 if TYPE_CHECKING:
     from megatron_papo.objectives.pieces import TokenCounts
     from megatron_papo.papo.config import AlgorithmConfig
+    from megatron_papo.training.packing import Packing
 
 # modules whose import registers the built-in objectives (imported on the first lookup)
 _BUILTIN = (
@@ -42,12 +43,13 @@ class StepTokens:
     """What ``prepare`` sees: one optimizer step's sequences on this DP rank, rows in micro-batch order.
 
     loss_mask, old_log_probs: [N, L]; advantages: [N]; masked_log_probs: [N, L] (the step's no-grad pass
-    with the masked images; present when ``masked_log_probs_needed``).
+    with the masked images; present when ``masked_log_probs_needed``). old_log_probs is None on-policy
+    (no old log-prob pass) unless ``old_log_probs_in_prepare``.
     """
 
     loss_mask: torch.Tensor
     advantages: torch.Tensor
-    old_log_probs: torch.Tensor
+    old_log_probs: torch.Tensor | None
     masked_log_probs: torch.Tensor | None = None
 
 
@@ -66,21 +68,24 @@ class Prepared:
 class LossInputs:
     """One micro-batch on the last pipeline stage.
 
-    logits: [b, s, vocab/tp] (with gradient); labels, loss_mask, old_log_probs: [b, s]; advantages: [b];
-    masked_logits: [b, s, vocab/tp] when ``masked_logits_in_update``; masked_log_probs, ref_log_probs,
-    rollout_is_weights: [b, s] when the step computed them; sft_weights: [b] with ``use_sft_loss``.
+    logits: [b, s, vocab/tp] (with gradient), or [t, vocab/tp] with ``packing`` (packed sequences: the
+    micro-batch's real tokens, ``training.packing``); labels, loss_mask, old_log_probs: [b, s] (old None:
+    on-policy, the update's own log-probs stand in); advantages: [b]; masked_logits: logits' shape when
+    ``masked_logits_in_update``; masked_log_probs, ref_log_probs, rollout_is_weights: [b, s] when the step
+    computed them; sft_weights: [b] with ``use_sft_loss``.
     """
 
     logits: torch.Tensor
     labels: torch.Tensor
     loss_mask: torch.Tensor
     advantages: torch.Tensor
-    old_log_probs: torch.Tensor
+    old_log_probs: torch.Tensor | None
     masked_logits: torch.Tensor | None = None
     masked_log_probs: torch.Tensor | None = None
     ref_log_probs: torch.Tensor | None = None
     sft_weights: torch.Tensor | None = None
     rollout_is_weights: torch.Tensor | None = None
+    packing: Packing | None = None
 
 
 @dataclass(frozen=True)
@@ -98,9 +103,9 @@ class Objective:
 
     Needs (properties the trainer reads): ``masked_log_probs_needed`` (a per-step no-grad pass with the
     masked images fills ``masked_log_probs``), ``masked_logits_in_update`` (the update's micro-batches are
-    doubled: original then masked images, masked logits with gradient), ``ref_log_probs_needed``. The
-    defaults are those of the config's PAPO terms (gamma, eta2, masked_grad, ref_kl_coef), which are 0 /
-    off unless an objective uses them.
+    doubled: original then masked images, masked logits with gradient), ``ref_log_probs_needed``,
+    ``old_log_probs_in_prepare``. The defaults are those of the config's PAPO terms (gamma, eta2,
+    masked_grad, ref_kl_coef), which are 0 / off unless an objective uses them.
     """
 
     def __init__(self, cfg: AlgorithmConfig) -> None:
@@ -117,6 +122,11 @@ class Objective:
     @property
     def ref_log_probs_needed(self) -> bool:
         return self.cfg.uses_ref_kl
+
+    @property
+    def old_log_probs_in_prepare(self) -> bool:
+        """``prepare`` reads the old log-probs: an on-policy step still computes them before the update."""
+        return False
 
     @property
     def masked_images_needed(self) -> bool:

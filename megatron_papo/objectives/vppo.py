@@ -155,6 +155,7 @@ def shaped_policy_gradient(
         inputs.masked_logits,
         inputs.masked_log_probs,
         cfg.masked_grad,
+        inputs.packing,
     )
     if not isinstance(prepared, VppoPrepared) or prepared.keep.shape != x.mask.shape:
         raise ValueError(f"objective {cfg.objective} needs its prepare() rows of this micro-batch")
@@ -192,6 +193,10 @@ class Vppo(Objective):
     @property
     def masked_log_probs_needed(self) -> bool:
         return True
+
+    @property
+    def old_log_probs_in_prepare(self) -> bool:
+        return True  # S_t compares the old and the masked log-probs
 
     def prepare(
         self, tokens: StepTokens, micro_batch_size: int, group: dist.ProcessGroup | None

@@ -58,6 +58,7 @@ from megatron_papo.objectives.registry import (
     register_objective,
 )
 from megatron_papo.papo.config import AlgorithmConfig
+from megatron_papo.training.packing import Packing
 
 __all__ = ["Papo", "papo_loss", "papo_terms", "reference_kl"]
 
@@ -68,7 +69,7 @@ def papo_loss(
     labels: torch.Tensor,
     loss_mask: torch.Tensor,
     advantages: torch.Tensor,
-    old_log_probs: torch.Tensor,
+    old_log_probs: torch.Tensor | None,
     *,
     masked_logits: torch.Tensor | None = None,
     masked_log_probs: torch.Tensor | None = None,
@@ -78,6 +79,7 @@ def papo_loss(
     progress: float = 0.0,
     global_counts: TokenCounts | None = None,
     rollout_is_weights: torch.Tensor | None = None,
+    packing: Packing | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The loss of one micro-batch and its metrics.
 
@@ -90,6 +92,8 @@ def papo_loss(
     annealing. ``global_counts``: see ``TokenCounts`` (the caller then scales the loss for the schedule's
     averaging). ``rollout_is_weights`` [b, s] (no gradient): per-token truncated importance weights
     pi_old / pi_rollout that multiply the policy-gradient term (``megatron_papo.rollout.correction``).
+    ``packing``: logits (and masked_logits) are packed [t, vocab/tp] (``token_stats``); ``old_log_probs``
+    None: on-policy (``token_stats``).
 
     Metrics (detached, means over this micro-batch's response tokens): those of ``policy_gradient``,
     papo/entropy and papo/entropy_sample (exact and -lp), and those of ``papo_terms``.
@@ -104,6 +108,7 @@ def papo_loss(
         masked_logits,
         masked_log_probs,
         cfg.masked_grad,
+        packing,
     )
     agg = Aggregation.of(cfg, x.mask, global_counts)
     pg, metrics = policy_gradient(cfg, x, advantages, rollout_is_weights)
@@ -180,4 +185,5 @@ class Papo(Objective):
             progress=ctx.progress,
             global_counts=ctx.counts,
             rollout_is_weights=inputs.rollout_is_weights,
+            packing=inputs.packing,
         )

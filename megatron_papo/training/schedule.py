@@ -32,6 +32,7 @@ def _forward_step(loss_fn: LossFn, data_iterator, model):
         attention_mask=batch.attention_mask,
         pixel_values=batch.pixel_values,
         image_grid_thw=batch.image_grid_thw,
+        packed_seq_params=batch.packing.params() if batch.packing is not None else None,
     )
     return output, partial(_detached_outputs, loss_fn, batch)
 
@@ -60,11 +61,16 @@ def tolerate_non_finite(loss_fn: LossFn, fallback: Callable[[MicroBatch], dict[s
 def run_schedule(
     model: list[torch.nn.Module], batches: list[MicroBatch], loss_fn: LossFn, forward_only: bool
 ) -> list[dict[str, Any]]:
-    """Run ``batches`` (each with input_ids [b, s], same b and s for all) through ``model`` chunks."""
+    """Run ``batches`` through ``model`` chunks: each with input_ids [b, s], the same b and s for all, or
+    all packed ([1, T], T varying: the pipeline's activations then carry their shapes, see
+    ``models.config.language_config``)."""
     if not batches:
         return []
     b, s = batches[0].input_ids.shape
-    if any(x.input_ids.shape != (b, s) for x in batches):
+    packed = batches[0].packing is not None
+    if any((x.packing is not None) != packed for x in batches):
+        raise ValueError("a schedule's micro-batches must be all packed or all padded")
+    if not packed and any(x.input_ids.shape != (b, s) for x in batches):
         raise ValueError("pipeline schedules need every micro-batch to have the same [batch, seq] shape")
     context = torch.no_grad() if forward_only else torch.enable_grad()
     with context:
@@ -73,7 +79,7 @@ def run_schedule(
             data_iterator=iter(batches),
             model=model,
             num_microbatches=len(batches),
-            seq_length=s,
+            seq_length=max(x.input_ids.shape[1] for x in batches),
             micro_batch_size=b,
             forward_only=forward_only,
         )

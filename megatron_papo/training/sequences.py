@@ -14,6 +14,9 @@ from dataclasses import dataclass, field, fields, replace
 from typing import TYPE_CHECKING, TypeVar
 
 import torch
+from megatron.core import parallel_state as ps
+
+from megatron_papo.training.packing import Packing
 
 if TYPE_CHECKING:
     from megatron_papo.objectives.registry import Prepared
@@ -148,8 +151,6 @@ def response_token_values(
 
 def padded_length(prompts: list[torch.Tensor], responses: list[torch.Tensor]) -> int:
     """The longest prompt + response, rounded up to a multiple of 8 x TP (sequence-parallel splits it)."""
-    from megatron.core import parallel_state as ps
-
     longest = max(len(p) + len(r) for p, r in zip(prompts, responses, strict=True))
     multiple = 8 * ps.get_tensor_model_parallel_world_size()
     return -(-longest // multiple) * multiple
@@ -169,6 +170,8 @@ class MicroBatch:
     [sum n_patches, 3*2*14*14] | None; image_grid_thw: [sum n_images, 3] | None; labels, loss_mask:
     [b, L]; advantages: [b]; sft_weights: [b] | None; token_data: each value [b, L]; prepared: this
     micro-batch's rows of the objective's ``prepare`` (the update pass, last pipeline stage) or None.
+    Packed (``packing`` set, ``pack``): input_ids, attention_mask [1, T] and position_ids [3, 1, T] hold
+    the sequences' tokens (twice when doubled) in one row; everything else keeps the [b, L] layout.
     """
 
     input_ids: torch.Tensor
@@ -182,6 +185,20 @@ class MicroBatch:
     sft_weights: torch.Tensor | None = None
     token_data: TokenData = field(default_factory=TokenData)
     prepared: Prepared | None = None
+    packing: Packing | None = None
+
+    def pack(self, copies: int = 1) -> MicroBatch:
+        """This micro-batch with its model inputs packed (``training.packing``): the tokens ``copies``
+        times (2: ``update_micro_batch``'s doubled batch, whose images are already doubled), padded to a
+        multiple of the TP size."""
+        packing = Packing.of(self.attention_mask, copies, ps.get_tensor_model_parallel_world_size())
+        return replace(
+            self,
+            input_ids=packing.pack(self.input_ids),
+            attention_mask=packing.pack(self.attention_mask),
+            position_ids=packing.pack(self.position_ids),
+            packing=packing,
+        )
 
     def to(self, device: torch.device | str) -> MicroBatch:
         """Every tensor, ``token_data``'s and ``prepared``'s included, on ``device``."""
@@ -193,15 +210,19 @@ class MicroBatch:
         batch.token_data = map_tensors(self.token_data, move)
         if self.prepared is not None:
             batch.prepared = map_tensors(self.prepared, move)
+        if self.packing is not None:
+            batch.packing = self.packing.to(device)
         return batch
 
 
-def micro_batch(seqs: StepSequences, index: torch.Tensor, masked: bool = False) -> MicroBatch:
+def micro_batch(
+    seqs: StepSequences, index: torch.Tensor, masked: bool = False, packed: bool = False
+) -> MicroBatch:
     """The sequences ``index`` ([b] int64), in that order; ``masked``: with the masked images instead of
-    the originals (same tokens and positions)."""
+    the originals (same tokens and positions); ``packed``: the model inputs packed (``MicroBatch.pack``)."""
     idx = index.tolist()
     images = seqs.masked_pixel_values if masked else seqs.pixel_values
-    return MicroBatch(
+    batch = MicroBatch(
         input_ids=seqs.input_ids[index],
         attention_mask=seqs.attention_mask[index],
         position_ids=seqs.position_ids[:, index],
@@ -213,22 +234,61 @@ def micro_batch(seqs: StepSequences, index: torch.Tensor, masked: bool = False) 
         sft_weights=seqs.sft_weights[index] if seqs.sft_weights is not None else None,
         token_data=seqs.token_data.select(index),
     )
+    return batch.pack() if packed else batch
 
 
-def update_micro_batch(seqs: StepSequences, index: torch.Tensor, with_masked: bool) -> MicroBatch:
+def update_micro_batch(
+    seqs: StepSequences, index: torch.Tensor, with_masked: bool, packed: bool = False
+) -> MicroBatch:
     """``micro_batch`` for the update pass; ``with_masked`` (``masked_grad``): the model inputs doubled,
     the original images' sequences then the same tokens with the masked images, in one forward."""
     batch = micro_batch(seqs, index)
     if not with_masked:
-        return batch
+        return batch.pack() if packed else batch
     masked = micro_batch(seqs, index, masked=True)
-    batch.input_ids = torch.cat([batch.input_ids, masked.input_ids])
-    batch.attention_mask = torch.cat([batch.attention_mask, masked.attention_mask])
-    batch.position_ids = torch.cat([batch.position_ids, masked.position_ids], dim=1)
     if batch.pixel_values is not None:
         batch.pixel_values = torch.cat([batch.pixel_values, masked.pixel_values])
         batch.image_grid_thw = torch.cat([batch.image_grid_thw, masked.image_grid_thw])
+    if packed:
+        return batch.pack(copies=2)
+    batch.input_ids = torch.cat([batch.input_ids, masked.input_ids])
+    batch.attention_mask = torch.cat([batch.attention_mask, masked.attention_mask])
+    batch.position_ids = torch.cat([batch.position_ids, masked.position_ids], dim=1)
     return batch
+
+
+def token_budget_bins(lengths: list[int], max_tokens: int) -> list[list[int]]:
+    """Positions of ``lengths`` in bins of at most ``max_tokens`` tokens (a longer sequence alone), few
+    and balanced: longest first (ties: earlier first), each into the least-loaded bin that fits it, else a
+    new one. Each bin lists its positions in increasing order; bins ordered by their first position.
+    Deterministic: it depends on the lengths only."""
+    bins: list[list[int]] = []
+    loads: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        fits = [b for b in range(len(bins)) if loads[b] + lengths[i] <= max_tokens]
+        if fits:
+            target = min(fits, key=lambda b: (loads[b], b))
+        else:
+            target = len(bins)
+            bins.append([])
+            loads.append(0)
+        bins[target].append(i)
+        loads[target] += lengths[i]
+    return sorted(sorted(b) for b in bins)
+
+
+def micro_batches(
+    seqs: StepSequences, order: torch.Tensor, micro_batch_size: int, max_tokens: int = 0, packed: bool = False
+) -> list[torch.Tensor]:
+    """The micro-batches of the sequences ``order`` ([n] indices): ``micro_batch_indices``, or with
+    ``max_tokens`` > 0 (packed micro-batches only) ``token_budget_bins`` of their prompt + response
+    tokens, each micro-batch in ``order``'s order."""
+    if not max_tokens:
+        return list(micro_batch_indices(order, micro_batch_size))
+    if not packed:
+        raise ValueError("micro-batches by token budget need packed sequences (trainer.pack_sequences)")
+    lengths = seqs.attention_mask[order].sum(-1).tolist()
+    return [order[torch.tensor(b)] for b in token_budget_bins(lengths, max_tokens)]
 
 
 def micro_batch_indices(order: torch.Tensor, micro_batch_size: int) -> Iterator[torch.Tensor]:

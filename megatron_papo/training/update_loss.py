@@ -44,7 +44,7 @@ class UpdateLoss:
 
     ``counts``: the mini-batch's ``TokenCounts`` when ``algo.global_token_mean`` (else None). When the
     objective's ``masked_logits_in_update`` the logits [2b, s, vocab/tp] are the original then the masked
-    images (``update_micro_batch``).
+    images (``update_micro_batch``); packed, the logits [1, T, vocab/tp] hold one copy of the tokens or two.
     """
 
     algo: AlgorithmConfig
@@ -61,13 +61,16 @@ class UpdateLoss:
         if self.objective is None:
             self.objective = build_objective(self.algo)
 
-    def __call__(self, batch: MicroBatch, logits: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
-        masked_logits = None
-        if self.objective.masked_logits_in_update:
-            logits, masked_logits = logits.chunk(2, dim=0)
+    def __call__(self, batch: MicroBatch, output: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+        copies = 2 if self.objective.masked_logits_in_update else 1
+        if batch.packing is not None:
+            parts = [batch.packing.copy(output, k) for k in range(copies)]
+        else:
+            parts = list(output.chunk(copies, dim=0))
+        masked_logits = parts[1] if copies == 2 else None
         data = batch.token_data
         inputs = LossInputs(
-            logits,
+            parts[0],
             batch.labels,
             batch.loss_mask,
             batch.advantages,
@@ -77,6 +80,7 @@ class UpdateLoss:
             ref_log_probs=data.ref_log_probs,
             sft_weights=batch.sft_weights,
             rollout_is_weights=data.rollout_is_weights,
+            packing=batch.packing,
         )
         ctx = LossContext(self.temperature, self.progress, self.counts)
         loss, metrics = self.objective.loss(inputs, ctx, batch.prepared)
