@@ -78,14 +78,14 @@ class TrainingLoop:
         launch = initialize_distributed(cfg.parallel, seed=cfg.trainer.seed)
         self.early_exit = EarlyExit(cfg.trainer.exit_after_minutes)
         self.out_dir = cfg.trainer.output_dir
-        self._lock_run_dirs()
-        resume_from = resume_step(cfg.checkpoint)
-        if resume_from is None:
-            check_fresh_start(cfg.checkpoint)
         self.dp_rank, self.dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
         backend = f"{current_device().type}, {dist.get_backend()}"
         for line in describe_run(cfg, self.headline(), hf_config, launch, backend, self.rolls_out()):
             self.log(line)
+        self._lock_run_dirs()
+        resume_from = resume_step(cfg.checkpoint)
+        if resume_from is None:
+            check_fresh_start(cfg.checkpoint)
         self.prompts = PromptSource(
             cfg.model.hf_path, cfg.data, cfg.masking, cfg.reward, self.out_dir, self.dp_rank, self.dp_size
         )
