@@ -36,7 +36,7 @@ def _run_loop(args: argparse.Namespace) -> None:
         from megatron_papo.trainer import Trainer as Loop
 
     from megatron_papo.loop import TrainingDiverged
-    from megatron_papo.training.preemption import EXIT_STOPPED_EARLY, StoppedEarly
+    from megatron_papo.training.preemption import EXIT_STOPPED_EARLY, StoppedEarly, ignore_exit_signals
 
     overrides = list(args.overrides) + (["checkpoint.resume=true"] if args.resume else [])
     try:
@@ -44,6 +44,7 @@ def _run_loop(args: argparse.Namespace) -> None:
     except TrainingDiverged as e:
         sys.exit(f"megatron-papo: stopped: {e}")
     except StoppedEarly as e:
+        ignore_exit_signals()  # the exit status must stay 75 (see there)
         print(f"megatron-papo: {e}", file=sys.stderr, flush=True)
         sys.exit(EXIT_STOPPED_EARLY)
 

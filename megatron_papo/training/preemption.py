@@ -36,8 +36,10 @@ class StoppedEarly(Exception):
 
 
 def ignore_exit_signals(_worker_id: int = 0) -> None:
-    """For helper processes (DataLoader workers): a job-wide signal is the trainer's to act on, and
-    their default action would kill them under it."""
+    """Ignore ``EXIT_SIGNALS``: in helper processes (DataLoader workers), as a job-wide signal is the
+    trainer's to act on; and in the trainer once it exits with ``EXIT_STOPPED_EARLY``, as ``srun
+    --kill-on-bad-exit`` sends SIGTERM to the ranks still exiting once the first has, and Python's
+    shutdown restores the default (fatal) action of a signal with a handler, but keeps an ignored one."""
     for sig in EXIT_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
 
