@@ -36,12 +36,17 @@ def _run_loop(args: argparse.Namespace) -> None:
         from megatron_papo.trainer import Trainer as Loop
 
     from megatron_papo.loop import TrainingDiverged
+    from megatron_papo.training.preemption import EXIT_STOPPED_EARLY, StoppedEarly, ignore_exit_signals
 
     overrides = list(args.overrides) + (["checkpoint.resume=true"] if args.resume else [])
     try:
         Loop(_load_config(args, overrides)).run()
     except TrainingDiverged as e:
         sys.exit(f"megatron-papo: stopped: {e}")
+    except StoppedEarly as e:
+        ignore_exit_signals()  # the exit status must stay 75 (see there)
+        print(f"megatron-papo: {e}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_STOPPED_EARLY)
 
 
 def _eval(args: argparse.Namespace) -> None:
@@ -83,7 +88,12 @@ def main(argv: list[str] | None = None) -> None:
     ):
         loop = sub.add_parser(name, help=text)
         _add_run_args(loop)
-        loop.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+        loop.add_argument(
+            "--resume",
+            action="store_true",
+            help="continue from the latest checkpoint (an error when there is none; "
+            "checkpoint.resume=auto: continue when there is one)",
+        )
         loop.set_defaults(func=_run_loop)
 
     ev = sub.add_parser("eval", help="test accuracy with original and masked images")
@@ -99,10 +109,12 @@ def main(argv: list[str] | None = None) -> None:
     if planner_cli is not None:
         planner_cli.add_parser(sub)
 
+    from megatron_papo.training.run_dir import RunDirBusy
+
     args = parser.parse_args(argv)
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError) as e:  # bad config, data or paths: one clear line
+    except (ValueError, FileNotFoundError, RunDirBusy) as e:  # bad config, data, paths: one clear line
         if debug_mode():
             raise
         sys.exit(f"megatron-papo: error: {e}\n(set MEGATRON_PAPO_DEBUG=1 for the traceback)")

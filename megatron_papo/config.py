@@ -43,11 +43,17 @@ class TrainerConfig:
     pack_sequences: bool = False  # exact (tests/test_packing*.py); to be the default after a suite run
     max_tokens_per_micro_batch: int = 0
     exit_after_steps: int = 0  # stop this invocation after N steps with a checkpoint (SLURM time limits)
+    # stop after the step during which this many minutes passed, with a checkpoint and exit status 75
+    # (as on SIGTERM / SIGUSR1); 0: no limit
+    exit_after_minutes: float = 0.0
     max_bad_steps: int = 3  # consecutive steps with a NaN/inf loss or gradient (skipped) before a stop
 
     def __post_init__(self) -> None:
-        if self.exit_after_steps < 0:
-            raise ValueError(f"trainer.exit_after_steps must be >= 0, got {self.exit_after_steps}")
+        if self.exit_after_steps < 0 or self.exit_after_minutes < 0:
+            raise ValueError(
+                f"trainer.exit_after_steps and exit_after_minutes must be >= 0, got {self.exit_after_steps} "
+                f"and {self.exit_after_minutes}"
+            )
         for name in (
             "steps",
             "rollout_batch_size",

@@ -3,7 +3,10 @@
 A subclass builds its ``policy`` (a ``Policy``) and implements ``headline()`` (its first console line) and
 ``train_step() -> StepOutcome``; ``run()`` does the rest: metrics averaged over ranks and written by rank 0
 (JSONL, TensorBoard, W&B / MLflow), periodic evaluation, atomic checkpoints every
-``checkpoint.save_interval`` steps and at the end, resume with ``checkpoint.resume``.
+``checkpoint.save_interval`` steps and at the end, resume with ``checkpoint.resume``, and an early stop
+with a checkpoint on SIGTERM / SIGUSR1 or ``trainer.exit_after_minutes`` (``training.preemption``). Global
+rank 0 locks the output and checkpoint directories for the run and records its launch
+(``training.run_dir``).
 """
 
 from __future__ import annotations
@@ -14,7 +17,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch.distributed as dist
-import yaml
 from megatron.core import parallel_state as ps
 
 from megatron_papo.config import TrainConfig
@@ -30,11 +32,14 @@ from megatron_papo.training.checkpointing import (
     check_fresh_start,
     latest_step,
     load_checkpoint,
+    resume_step,
     save_checkpoint,
 )
 from megatron_papo.training.metrics import MetricsLogger, read_metrics
+from megatron_papo.training.preemption import EarlyExit, StoppedEarly
 from megatron_papo.training.progress import progress_lines
 from megatron_papo.training.prompts import PromptSource
+from megatron_papo.training.run_dir import RunLock, clean_weight_syncs, record_launch
 from megatron_papo.training.trackers import InputImages, build_trackers
 
 
@@ -73,19 +78,23 @@ class TrainingLoop:
         self.cfg = cfg
         hf_config = load_hf_config(cfg.model.hf_path)  # a wrong model path fails before any heavy work
         launch = initialize_distributed(cfg.parallel, seed=cfg.trainer.seed)
-        check_fresh_start(cfg.checkpoint)
-        self.dp_rank, self.dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+        self.early_exit = EarlyExit(cfg.trainer.exit_after_minutes)
         self.out_dir = cfg.trainer.output_dir
+        self.dp_rank, self.dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
         backend = f"{current_device().type}, {dist.get_backend()}"
         for line in describe_run(cfg, self.headline(), hf_config, launch, backend, self.rolls_out()):
             self.log(line)
+        self._lock_run_dirs()
+        resume_from = resume_step(cfg.checkpoint)
+        if resume_from is None:
+            check_fresh_start(cfg.checkpoint)
         self.prompts = PromptSource(
             cfg.model.hf_path, cfg.data, cfg.masking, cfg.reward, self.out_dir, self.dp_rank, self.dp_size
         )
         self.step = 0
         self.build()
-        if cfg.checkpoint.resume and latest_step(cfg.checkpoint.dir) is not None:
-            self._resume()
+        if resume_from is not None:
+            self._resume(resume_from)
         if self.policy.engine is not None:
             self.policy.sync_rollout_weights()
         self.metrics: MetricsLogger | None = None
@@ -99,8 +108,25 @@ class TrainingLoop:
             )
             if trackers:
                 self.log("  tracking " + "; ".join(t.describe() for t in trackers))
-            with open(os.path.join(self.out_dir, "config.yaml"), "w", encoding="utf-8") as f:
-                yaml.safe_dump(config, f, sort_keys=False)
+            if self.metrics.dropped_rows:
+                self.log(f"  dropped {self.metrics.dropped_rows} metrics rows after step {self.step}")
+            record_launch(self.out_dir, config, self.step)
+
+    def _lock_run_dirs(self) -> None:
+        """Global rank 0 locks the output and checkpoint directories (every rank raises ``RunDirBusy``
+        when another run holds one) and removes the weight syncs of an earlier launch."""
+        error: list[Exception | None] = [None]
+        if dist.get_rank() == 0:
+            try:
+                RunLock([self.out_dir, self.cfg.checkpoint.dir]).acquire()
+            except Exception as e:
+                error[0] = e
+            else:
+                if clean_weight_syncs(self.out_dir):
+                    self.log("  removed the vLLM weight syncs of an earlier launch")
+        dist.broadcast_object_list(error, src=0)
+        if error[0] is not None:
+            raise error[0]
 
     def per_rank(self, prompts: int, sequences_per_prompt: int, name: str) -> int:
         """``prompts`` (global) per DP rank; they must fill whole micro-batches."""
@@ -137,8 +163,11 @@ class TrainingLoop:
         pass
 
     def run(self) -> None:
+        """Train to ``trainer.steps``; raises ``StoppedEarly`` after saving when a signal or the time
+        budget stops the run first."""
         cfg = self.cfg
         stop = False
+        early: str | None = None
         bad_steps = 0
         first = self.step
         if cfg.eval.at_start and self.step == 0:
@@ -170,19 +199,25 @@ class TrainingLoop:
                     f"{cfg.trainer.max_bad_steps}); stopping at step {self.step}; "
                     + (f"the step-{saved} checkpoint is untouched" if saved else "nothing was saved")
                 )
+            if not last and (early := self.early_exit.reason()):
+                self.log(f"step {self.step}: {early}; saving and stopping")
+                stop = True
             interval = cfg.checkpoint.save_interval
             if (interval and self.step % interval == 0) or last or stop:
                 self.save()
         if self.step == cfg.trainer.steps:
             self.finish()
         if self.metrics is not None:
-            for line in progress_lines(read_metrics(self.metrics.jsonl_path)):
-                self.metrics.message(line)
+            if self.step > first:  # this launch logged rows
+                for line in progress_lines(read_metrics(self.metrics.jsonl_path)):
+                    self.metrics.message(line)
             self.metrics.message(
                 f"done: metrics {self.metrics.jsonl_path}, TensorBoard {self.metrics.tb_dir}, "
                 f"checkpoints {os.path.abspath(cfg.checkpoint.dir)}"
             )
             self.metrics.close()
+        if early:
+            raise StoppedEarly(self.step, early)
 
     def _log_metrics(self, metrics: dict[str, float], prompts: Sequence[EncodedPrompt] = ()) -> None:
         """Rank 0 logs the step's averaged ``metrics`` (with its input images when a tracker wants them)."""
@@ -216,9 +251,9 @@ class TrainingLoop:
         )
         self.log(f"saved checkpoint {os.path.abspath(path)}")
 
-    def _resume(self) -> None:
+    def _resume(self, step: int) -> None:
         common, data_state = load_checkpoint(
-            self.cfg.checkpoint, self.policy.model, self.policy.optimizer, self.policy.scheduler
+            self.cfg.checkpoint, self.policy.model, self.policy.optimizer, self.policy.scheduler, step
         )
         loaders = data_state["loaders"]
         if len(loaders) != self.dp_size:

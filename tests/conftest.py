@@ -1,11 +1,35 @@
 """Import the package from this checkout, whatever ``pip install -e`` last pointed at; shared fixtures."""
 
 import os
+import shutil
+import subprocess
 import sys
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+SLURM_DIR = "/tmp/slurm-local"
+SLURM_ENV = {**os.environ, "SLURM_DIR": SLURM_DIR, "SLURM_CONF": f"{SLURM_DIR}/slurm.conf"}
+NOT_ABLE = 3  # slurm_local.sh: the packages cannot be installed
+
+
+@pytest.fixture(scope="session")
+def slurm():
+    """A single-node SLURM (``tools/slurm_local.sh up``) for the session: the client environment."""
+    if os.geteuid() != 0:
+        pytest.skip("bringing up SLURM needs root (munged, slurmctld, slurmd)")
+    if shutil.which("slurmctld") is None and shutil.which("apt-get") is None:
+        pytest.skip("SLURM is not installed and apt-get is not available to install it")
+    script = os.path.join(ROOT, "tools", "slurm_local.sh")
+    up = subprocess.run(["bash", script, "up"], env=SLURM_ENV, capture_output=True, text=True, timeout=600)
+    if up.returncode == NOT_ABLE:
+        pytest.skip(f"SLURM packages unavailable: {up.stderr.strip()}")
+    assert up.returncode == 0, f"slurm_local.sh up failed:\n{up.stdout}\n{up.stderr}"
+    yield SLURM_ENV
+    if "slurm already up" not in up.stdout:  # leave a cluster someone else started
+        subprocess.run(["bash", script, "down"], env=SLURM_ENV, capture_output=True, timeout=120)
 
 
 @pytest.fixture(scope="session")

@@ -179,8 +179,9 @@ class Study:
             self.log(f"{name}: done before, skipped")
             return
         config = self.run_config(run_dir, sections)
-        # --resume: an interrupted run continues from its last checkpoint (a fresh one just starts)
-        self.launch(name, [command, "--config", config, "--resume"], os.path.join(run_dir, "log.txt"))
+        # an interrupted run continues from its last checkpoint (a fresh one just starts)
+        launch = [command, "--config", config, "checkpoint.resume=auto"]
+        self.launch(name, launch, os.path.join(run_dir, "log.txt"))
         open(done, "w").close()
 
     def sft(self) -> None:

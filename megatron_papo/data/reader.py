@@ -35,6 +35,7 @@ from megatron_papo.data.records import (
     decode_sample,
     read_shard,
 )
+from megatron_papo.training.preemption import ignore_exit_signals
 
 logger = logging.getLogger(__name__)
 Encoder = Callable[[PromptSample], EncodedPrompt]
@@ -199,6 +200,7 @@ class PromptLoader:
             num_workers=workers,
             collate_fn=_identity,
             prefetch_factor=self.cfg.prefetch_factor if workers else None,
+            worker_init_fn=ignore_exit_signals,
         )
         limit = min(self.cfg.max_consecutive_bad_samples, self.samples_per_epoch)
         in_a_row = 0

@@ -23,7 +23,6 @@ them against the trainer's and offers the truncated importance-sampling correcti
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -41,6 +40,7 @@ from megatron_papo.rollout.vllm_http import ServerError
 from megatron_papo.rollout.vllm_requests import completion_body, parse_completion
 from megatron_papo.rollout.vllm_servers import ServerPool
 from megatron_papo.rollout.vllm_weights import ServerWeights
+from megatron_papo.training.run_dir import weight_sync_dir
 
 
 @dataclass
@@ -130,7 +130,7 @@ class VllmEngine:
             )
         vllm = VllmConfig(
             urls=list(cfg.rollout.vllm_urls),
-            sync_dir=os.path.join(cfg.trainer.output_dir, "vllm_weights"),
+            sync_dir=weight_sync_dir(cfg.trainer.output_dir),
             min_pixels=cfg.data.min_pixels,
             max_pixels=cfg.data.max_pixels,
             weight_sync=cfg.rollout.vllm_weight_sync,

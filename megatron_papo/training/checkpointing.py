@@ -6,18 +6,28 @@ Layout under ``checkpoint.dir``::
     iter_0000020/
     latest             the step of the newest complete checkpoint (written last, by rename)
 
-A save writes ``iter_N.tmp/`` on all ranks, waits for every rank, then rank 0 renames it to ``iter_N`` and
-rewrites ``latest`` through a temporary file; a crash at any point leaves the previous checkpoint and
-``latest`` intact. Only then are checkpoints beyond the newest ``keep_last`` removed.
+A save writes ``iter_N.tmp/`` on all ranks, which fsync it together and wait for every rank, then rank 0
+renames it to ``iter_N`` and rewrites ``latest`` through a temporary file, each rename fsynced
+(``durable``); a crash at any point leaves the previous checkpoint and ``latest`` intact. Only then are
+checkpoints older than ``N`` beyond the newest ``keep_last`` removed; ``N`` and newer ones (left by an
+earlier run that got further) never are. An empty, corrupt or missing ``latest`` falls back, with a
+warning, to the newest complete ``iter_N`` (a renamed directory is complete).
+
+``resume``: ``true`` (``--resume``) continues from ``latest`` and fails, naming the directory, when there
+is nothing to resume; ``auto`` continues when there is a checkpoint and starts fresh otherwise (a job that
+is requeued, or resubmitted with the same ``dir``, carries on); ``false`` starts fresh
+(``check_fresh_start``).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import random
+import re
 import shutil
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -25,7 +35,10 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
+from megatron_papo.training.durable import durable_replace, fsync_tree, write_text_durably
+
 LATEST = "latest"
+STEP_DIR = re.compile(r"iter_(\d{7})")
 # Optimizer state in the canonical per-parameter form, so a checkpoint loads at any TP / PP / DP layout.
 SHARDING_METADATA = {"distrib_optim_sharding_type": "fully_reshardable", "chained_optim_avoid_prefix": True}
 
@@ -37,10 +50,12 @@ class CheckpointConfig:
     dir: str = "runs/papo/checkpoints"
     save_interval: int = 0  # steps between saves; 0: only at the end of the run
     keep_last: int = 2
-    resume: bool = False
+    resume: bool | Literal["auto"] = False  # true: continue (an error when nothing is saved); auto: if saved
     overwrite: bool = False  # a new run may replace the checkpoints already in ``dir``
 
     def __post_init__(self) -> None:
+        if self.resume not in (True, False, "auto"):
+            raise ValueError(f"checkpoint.resume must be true, false or 'auto', got {self.resume!r}")
         if self.save_interval < 0 or self.keep_last < 1:
             raise ValueError(
                 f"checkpoint: need save_interval >= 0 and keep_last >= 1, got "
@@ -52,6 +67,20 @@ def _step_dir(root: str, step: int) -> str:
     return os.path.join(root, f"iter_{step:07d}")
 
 
+def resume_step(cfg: CheckpointConfig) -> int | None:
+    """The step a run continues from (``cfg.resume`` true or auto and a checkpoint saved), or None: a
+    fresh start. ``resume: true`` with nothing saved raises ``FileNotFoundError`` naming ``cfg.dir``."""
+    if not cfg.resume:
+        return None
+    step = latest_step(cfg.dir)
+    if step is None and cfg.resume is True:
+        raise FileNotFoundError(
+            f"checkpoint.resume=true (--resume), but {os.path.abspath(cfg.dir)} holds no checkpoint to "
+            "resume from: start without --resume, or set checkpoint.resume=auto (resume when there is one)"
+        )
+    return step
+
+
 def check_fresh_start(cfg: CheckpointConfig) -> None:
     """Before a run that does not resume: refuse to replace ``cfg.dir``'s checkpoints unless
     ``cfg.overwrite``; with it, global rank 0 removes them (so keep-last pruning sees only the new run)."""
@@ -60,8 +89,9 @@ def check_fresh_start(cfg: CheckpointConfig) -> None:
         return
     if not cfg.overwrite:
         raise ValueError(
-            f"checkpoint.dir {cfg.dir} already holds a run (step {step}): continue it with --resume, "
-            "start over with checkpoint.overwrite=true, or choose another checkpoint.dir"
+            f"checkpoint.dir {cfg.dir} already holds a run (step {step}): continue it with --resume "
+            "(or checkpoint.resume=auto), start over with checkpoint.overwrite=true, or choose another "
+            "checkpoint.dir"
         )
     if dist.get_rank() == 0:
         for name in os.listdir(cfg.dir):
@@ -71,16 +101,58 @@ def check_fresh_start(cfg: CheckpointConfig) -> None:
     dist.barrier()
 
 
+def saved_steps(root: str) -> list[int]:
+    """Steps of the complete checkpoints under ``root`` (``iter_N`` directories: renamed once complete),
+    ascending."""
+    if not os.path.isdir(root):
+        return []
+    matches = (STEP_DIR.fullmatch(name) for name in os.listdir(root))
+    return sorted(int(m[1]) for m in matches if m and os.path.isdir(os.path.join(root, m[0])))
+
+
 def latest_step(root: str) -> int | None:
-    """Step of the newest complete checkpoint under ``root``, or None."""
+    """Step of the newest complete checkpoint under ``root`` (the one ``latest`` names), or None when
+    nothing was saved. When ``latest`` is missing, empty or names no complete checkpoint, the newest
+    complete ``iter_N`` with a warning; a ``RuntimeError`` when there is none."""
     path = os.path.join(root, LATEST)
-    if not os.path.exists(path):
+    steps = saved_steps(root)
+    text = None
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            text = f.read().strip()
+        if text.isdigit() and int(text) in steps:
+            return int(text)
+    elif not steps:
         return None
-    with open(path, encoding="utf-8") as f:
-        text = f.read().strip()
-    if not text.isdigit() or not os.path.isdir(_step_dir(root, int(text))):
-        raise RuntimeError(f"{path} names step {text!r}, but {_step_dir(root, int(text or 0))} is missing")
-    return int(text)
+    problem = "is missing" if text is None else f"names {text!r}, which is no complete checkpoint"
+    if not steps:
+        raise RuntimeError(
+            f"{path} {problem}, and {root} holds no complete checkpoint (iter_NNNNNNN directory) to fall "
+            "back to: restore one, or start over with checkpoint.overwrite=true"
+        )
+    logging.getLogger(__name__).warning(
+        "%s %s; using the newest complete checkpoint, %s", path, problem, _step_dir(root, steps[-1])
+    )
+    return steps[-1]
+
+
+def prune(root: str, step: int, keep_last: int) -> None:
+    """Keep the ``keep_last`` newest checkpoints up to ``step`` (``step``'s own among them); remove the
+    older ones. Checkpoints newer than ``step`` (an earlier run's) are never touched."""
+    older = [s for s in saved_steps(root) if s < step]
+    for old in older[: max(len(older) - (keep_last - 1), 0)]:
+        shutil.rmtree(_step_dir(root, old))
+
+
+def publish(root: str, step: int, keep_last: int) -> None:
+    """Global rank 0, once every rank has written and flushed ``iter_N.tmp``: rename it to ``iter_N``,
+    point ``latest`` at it, prune. Each stage is durable before the next begins."""
+    final = _step_dir(root, step)
+    if os.path.exists(final):
+        shutil.rmtree(final)
+    durable_replace(final + ".tmp", final)
+    write_text_durably(os.path.join(root, LATEST), str(step))
+    prune(root, step, keep_last)
 
 
 def _rng_state() -> dict[str, Any]:
@@ -168,17 +240,11 @@ def save_checkpoint(
         **(common or {}),
     }
     dist_checkpointing.save(state, tmp)
+    dist.barrier()  # every file written before any rank flushes its share
+    fsync_tree(tmp, dist.get_rank(), dist.get_world_size())
     dist.barrier()
     if dist.get_rank() == 0:
-        if os.path.exists(final):
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        with open(os.path.join(cfg.dir, LATEST + ".tmp"), "w", encoding="utf-8") as f:
-            f.write(str(step))
-        os.replace(os.path.join(cfg.dir, LATEST + ".tmp"), os.path.join(cfg.dir, LATEST))
-        kept = sorted(d for d in os.listdir(cfg.dir) if d.startswith("iter_") and not d.endswith(".tmp"))
-        for old in kept[: -cfg.keep_last]:
-            shutil.rmtree(os.path.join(cfg.dir, old))
+        publish(cfg.dir, step, cfg.keep_last)
     dist.barrier()
     return final
 

@@ -1,4 +1,8 @@
-"""Per-step metrics to the console (progress bar with ETA), a JSONL file, TensorBoard and the trackers."""
+"""Per-step metrics to the console (progress bar with ETA), a JSONL file, TensorBoard and the trackers.
+
+``metrics.jsonl`` holds one row per step of the run: a launch that resumes from step ``N`` (or starts
+fresh: ``N`` = 0) first drops the rows after ``N`` that an earlier launch wrote past its last checkpoint.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ import time
 from collections.abc import Sequence
 from typing import TextIO
 
+from megatron_papo.training.durable import write_text_durably
 from megatron_papo.training.trackers import InputImages, Tracker
 
 # what the step line shows, each under a name that says what it is
@@ -51,12 +56,32 @@ def _fmt_duration(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
+def drop_rows_after(path: str, step: int) -> int:
+    """Remove the rows of the JSONL file ``path`` after ``step`` (and a torn last line); returns how many
+    rows went."""
+    if not os.path.exists(path):
+        return 0
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().splitlines()
+    kept = []
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if row["step"] <= step:
+            kept.append(line)
+    if len(kept) < len(lines):
+        write_text_durably(path, "".join(line + "\n" for line in kept))
+    return len(lines) - len(kept)
+
+
 class MetricsLogger:
     """Writes ``metrics.jsonl`` and TensorBoard events under ``out_dir`` and hands each step to the
     ``trackers``; prints one line per step.
 
     Only rank 0 should build one. ``log(step, metrics, images)`` takes plain floats, and the input images
-    when ``wants_images(step)``.
+    when ``wants_images(step)``. The rows after ``first_step`` already in ``metrics.jsonl`` are dropped.
     """
 
     def __init__(
@@ -70,6 +95,7 @@ class MetricsLogger:
     ) -> None:
         os.makedirs(out_dir, exist_ok=True)
         self.jsonl_path = os.path.join(out_dir, "metrics.jsonl")
+        self.dropped_rows = drop_rows_after(self.jsonl_path, first_step)
         self.tb_dir = os.path.join(out_dir, "tensorboard")
         self._jsonl = open(self.jsonl_path, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
         self._tb = None
