@@ -18,6 +18,7 @@ and shape before the first byte arrives (the safetensors writer lays out its fil
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -41,15 +42,12 @@ class TensorSpec:
 
     @property
     def row_bytes(self) -> int:
-        """The bytes of one row (``shape[0]`` rows; a 0-d tensor is one row)."""
-        n = self.dtype.itemsize
-        for d in self.shape[1:]:
-            n *= d
-        return n
+        """The bytes of one of its ``shape[0]`` rows."""
+        return math.prod(self.shape[1:]) * self.dtype.itemsize
 
     @property
     def nbytes(self) -> int:
-        return self.row_bytes * (self.shape[0] if self.shape else 1)
+        return self.row_bytes * self.shape[0]
 
 
 @dataclass(frozen=True)
@@ -84,8 +82,8 @@ class WeightStream:
         for piece in self.pieces:
             shape = shapes[piece.name]
             rows = len(piece.tensor)
-            if piece.name not in partial and rows == (shape[0] if shape else 1):
-                yield piece.name, piece.tensor.detach().cpu().clone().reshape(shape)
+            if piece.name not in partial and rows == shape[0]:
+                yield piece.name, piece.tensor.detach().to("cpu", copy=True).reshape(shape)
                 continue
             full, due = partial.get(piece.name) or (torch.empty(shape, dtype=piece.tensor.dtype), shape[0])
             full[piece.row : piece.row + rows].copy_(piece.tensor)
@@ -103,7 +101,7 @@ def _roles(to: str) -> list[str]:
         return ["send" if s == me else "recv" for s in range(pp)]
     if dist.get_rank() == 0:
         return ["local" if s == 0 else "recv" for s in range(pp)]
-    on_path = ps.get_tensor_model_parallel_rank() == 0 and _pp_group_ranks()[0] == 0
+    on_path = _pp_group_ranks()[0] == 0  # TP rank 0 of rank 0's replica
     return ["send" if s == me and on_path else "none" for s in range(pp)]
 
 
