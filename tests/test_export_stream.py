@@ -6,12 +6,11 @@ import os
 
 import pytest
 import torch
+from multiprocess import run_distributed
 from safetensors.torch import load_file
 
 from megatron_papo.models.safetensors_writer import SafetensorsWriter
-from megatron_papo.models.tiny import make_tiny_qwen25vl
 from megatron_papo.models.weight_stream import TensorSpec
-from tests.multiprocess import run_distributed
 
 BUFFER = 16 << 10
 
@@ -78,8 +77,8 @@ def _export(hf_dir: str, out_dir: str) -> int:
     return moved[0]
 
 
-def test_tp2_pp2_export_stays_within_its_buffer_and_is_bitwise(tmp_path):
-    tiny = make_tiny_qwen25vl(str(tmp_path / "tiny"))
+def test_tp2_pp2_export_stays_within_its_buffer_and_is_bitwise(tiny_model, tmp_path):
+    tiny = tiny_model
     moved = run_distributed(_export, 4, tiny, str(tmp_path / "out"), tp=2, pp=2)
     assert 0 < max(moved) <= BUFFER, moved
     source, exported = (
