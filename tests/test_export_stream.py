@@ -26,19 +26,21 @@ def test_writer_places_pieces_in_any_order_and_refuses_more_than_its_buffer(tmp_
         writer.write("a", 0, a[:2])
         with pytest.raises(ValueError, match="2 tensors not written whole"):
             writer.close()
-    with SafetensorsWriter(str(tmp_path), specs, max_shard_bytes=40, buffer_bytes=16) as writer:
+    sharded = tmp_path / "sharded"
+    sharded.mkdir()
+    with SafetensorsWriter(str(sharded), specs, max_shard_bytes=40, buffer_bytes=16) as writer:
         for row in range(0, 6, 2):
             writer.write("a", row, a[row : row + 2])
         writer.write("b", 0, b[:2])
         writer.write("b", 2, b[2:])
         assert writer.close() == 72
-    files = sorted(os.listdir(tmp_path))
+    files = sorted(os.listdir(sharded))
     assert files == [
         "model-00001-of-00002.safetensors",
         "model-00002-of-00002.safetensors",
         "model.safetensors.index.json",
     ]
-    written = load_file(str(tmp_path / files[0])) | load_file(str(tmp_path / files[1]))
+    written = load_file(str(sharded / files[0])) | load_file(str(sharded / files[1]))
     assert torch.equal(written["a"], a) and torch.equal(written["b"], b)
 
 
