@@ -68,10 +68,13 @@ def make_random_3b(out_dir: str, smoke: bool, seed: int = 0) -> str:
         for s in specs:
             yield Piece(s.name, 0, (torch.randn(s.shape, generator=g) * 0.02).to(torch.bfloat16))
 
-    os.makedirs(out_dir)
-    config.save_pretrained(out_dir)
+    tmp = out_dir + ".tmp"  # renamed when complete: a partial model is never reused
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    config.save_pretrained(tmp)
     largest = max(s.nbytes for s in specs)
-    write_weights(WeightStream(specs, pieces()), out_dir, SHARD_BYTES, 2 * largest)
+    write_weights(WeightStream(specs, pieces()), tmp, SHARD_BYTES, 2 * largest)
+    os.replace(tmp, out_dir)
     return out_dir
 
 
