@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import torch
 from megatron.core import parallel_state as ps
@@ -15,7 +14,9 @@ from megatron.core.distributed import (
 from transformers import AutoConfig
 
 from megatron_papo.config import TrainConfig
-from megatron_papo.models import build_model, export_hf_state_dict, load_hf_weights, mrope_position_ids
+from megatron_papo.models import build_model, load_hf_weights, mrope_position_ids
+from megatron_papo.models.weight_stream import WeightStream
+from megatron_papo.models.weights import export_stream
 from megatron_papo.parallel.device import current_device
 from megatron_papo.rollout.embedded import EmbeddedEngine
 from megatron_papo.rollout.engine import RolloutEngine
@@ -125,14 +126,14 @@ class Policy:
         flags = [torch.isfinite(b.grad_data).all() for b in buffers]
         return torch.stack(flags).all() if flags else torch.tensor(True, device=current_device())
 
-    def export_hf(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """(HF name, full tensor) pairs of the current weights; a collective: every rank must iterate."""
-        return export_hf_state_dict(self.module)
+    def export_hf(self, to: str) -> WeightStream:
+        """The current weights (HF names) streamed to global rank 0 or every rank (``to``: ``rank0`` /
+        ``all``, ``weights.export_stream``); a collective: every rank must iterate."""
+        return export_stream(self.module, to=to)
 
     def sync_rollout_weights(self) -> None:
-        weights = self.export_hf()
         if self.engine is None:
-            for _ in weights:  # still take part in the gathers
+            for _ in self.export_hf("rank0").pieces:  # still take part in the gathers
                 pass
             return
-        self.engine.sync_weights(weights)
+        self.engine.sync_weights(self.export_hf(self.engine.weights_to))

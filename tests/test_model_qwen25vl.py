@@ -142,7 +142,7 @@ def _max_diff(logits: torch.Tensor | None, reference: torch.Tensor, mask: torch.
 def _export(model) -> dict[str, torch.Tensor]:
     from megatron_papo.models import export_hf_state_dict
 
-    return dict(export_hf_state_dict(model, bucket_bytes=64 << 10))  # small buckets: several per stage
+    return dict(export_hf_state_dict(model, buffer_bytes=16 << 10))  # small pieces: several per tensor
 
 
 def _run(dirs: dict, batch: dict, references: dict, ckpt_dir: str) -> dict:

@@ -6,9 +6,12 @@
 - ``image_tokens``: checking image placeholders against image grids.
 - ``qwen25vl``: ``Qwen25VLModel`` (vision + ``GPTModel``) and ``build_model``.
 - ``rope_index``: multimodal RoPE positions (transformers' ``get_rope_index``).
-- ``weights``: HF <-> megatron shards (``load_hf_weights``, ``export_hf_state_dict``).
+- ``weights``: HF <-> megatron shards (``load_hf_weights``, ``export_stream``, ``export_hf_state_dict``).
+- ``layouts``: where HF tensor rows lie in a parameter's TP shard (loading and export read it).
+- ``weight_stream``: an export as row pieces, relayed between pipeline stages.
+- ``safetensors_writer``: safetensors shards written piece by piece, within a buffer.
 - ``hf_directory``: writing a complete HF directory from a (sharded) model.
-- ``buckets``: size-bounded buckets of (name, tensor) pairs, the grouping of every weight export.
+- ``buckets``: size-bounded buckets of (name, tensor) pairs (safetensors shards, vLLM broadcast).
 - ``tiny``: tiny random Qwen2.5-VL models for tests and the CPU demo.
 """
 

@@ -1,9 +1,7 @@
 """Size-bounded buckets of a stream of (name, tensor) pairs: the one grouping rule of every weight export.
 
-Used by ``weights.export_hf_state_dict`` (a pipeline stage's tensors broadcast to every rank a bucket at a
-time), ``hf_directory.write_safetensors`` (the shards of an HF directory) and the vLLM weight syncs
-(``rollout.vllm_sync``: one safetensors shard per bucket; ``rollout.vllm_broadcast``: one broadcast per
-bucket).
+Used by ``safetensors_writer`` (the shards of an HF directory or a vLLM directory sync, from the tensors'
+specs on the meta device) and ``rollout.vllm_broadcast`` (one broadcast per bucket).
 """
 
 from __future__ import annotations

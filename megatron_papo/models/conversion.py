@@ -77,7 +77,9 @@ def _hf_to_mcore_rank(hf_dir: str, out_dir: str, dtype: str) -> None:
     dist.barrier()
 
 
-def _mcore_to_hf_rank(ckpt_dir: str, hf_dir: str, out_dir: str, dtype: str) -> None:
+def load_mcore_model(ckpt_dir: str, hf_dir: str, dtype: str):
+    """This rank's stage of the model of ``hf_dir``'s config with the weights of the distributed checkpoint
+    ``ckpt_dir``; ``ValueError`` when the checkpoint lacks tensors the model needs."""
     from megatron.core import dist_checkpointing
 
     from megatron_papo.models.qwen25vl import build_model
@@ -93,6 +95,11 @@ def _mcore_to_hf_rank(ckpt_dir: str, hf_dir: str, out_dir: str, dtype: str) -> N
         )
     loaded = dist_checkpointing.load(state, ckpt_dir)
     model.load_state_dict(loaded["model"]["model0"])
+    return model
+
+
+def _mcore_to_hf_rank(ckpt_dir: str, hf_dir: str, out_dir: str, dtype: str) -> None:
+    model = load_mcore_model(ckpt_dir, hf_dir, dtype)
     save_hf_directory(model, hf_dir, out_dir)  # itself atomic: out_dir.tmp, then rename
 
 

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import save_file
 
-from megatron_papo.models.buckets import buckets, tensor_bytes
-from megatron_papo.models.weights import HEAD, INDEX, SINGLE, checkpoint_name, export_hf_state_dict
+from megatron_papo.models.safetensors_writer import SafetensorsWriter
+from megatron_papo.models.weight_stream import BUFFER_BYTES, TensorSpec, WeightStream
+from megatron_papo.models.weights import INDEX, checkpoint_name, export_stream
+
+SHARD_BYTES = 4 << 30  # transformers' default: shards of at most 4 GiB
 
 
 def copy_non_weight_files(source_dir: str, out_dir: str) -> None:
@@ -23,48 +24,63 @@ def copy_non_weight_files(source_dir: str, out_dir: str) -> None:
             shutil.copy2(src, os.path.join(out_dir, entry))
 
 
+def write_weights(stream: WeightStream, out_dir: str, max_shard_bytes: int, buffer_bytes: int) -> int:
+    """Write ``stream`` (``state_dict()`` names) into ``out_dir`` as safetensors with checkpoint-file
+    names, each piece as it arrives (``SafetensorsWriter``); return the bytes of the tensors."""
+    specs = [TensorSpec(checkpoint_name(s.name), s.dtype, s.shape) for s in stream.specs]
+    with SafetensorsWriter(out_dir, specs, max_shard_bytes, buffer_bytes) as writer:
+        for piece in stream.pieces:
+            writer.write(checkpoint_name(piece.name), piece.row, piece.tensor)
+        return writer.close()
+
+
 def write_safetensors(tensors: dict[str, torch.Tensor], out_dir: str, max_shard_bytes: int) -> None:
-    """``tensors`` (checkpoint-file names) as ``model.safetensors`` or numbered shards plus an index."""
-    shards = [{name: t.contiguous() for name, t in b} for b in buckets(tensors.items(), max_shard_bytes)]
-    if len(shards) <= 1:
-        save_file(shards[0] if shards else {}, os.path.join(out_dir, SINGLE), metadata={"format": "pt"})
-        return
-    weight_map = {}
-    for i, shard in enumerate(shards):
-        file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, os.path.join(out_dir, file), metadata={"format": "pt"})
-        weight_map |= dict.fromkeys(shard, file)
-    total = sum(tensor_bytes(t) for t in tensors.values())
-    with open(os.path.join(out_dir, INDEX), "w", encoding="utf-8") as f:
-        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    """In-memory ``tensors`` (checkpoint-file names) as ``model.safetensors`` or numbered shards plus an
+    index."""
+    stream = WeightStream.of(tensors.items())
+    largest = max((s.nbytes for s in stream.specs), default=0)  # already in memory: no tighter bound
+    with SafetensorsWriter(out_dir, stream.specs, max_shard_bytes, largest) as writer:
+        for piece in stream.pieces:
+            writer.write(piece.name, piece.row, piece.tensor)
+        writer.close()
 
 
-def save_hf_directory(model, source_dir: str, out_dir: str, max_shard_bytes: int = 4 << 30) -> str:
+def replace_directory(tmp: str, out_dir: str) -> None:
+    """Move the complete directory ``tmp`` to ``out_dir``, replacing an older one only then."""
+    old = out_dir + ".old"
+    if os.path.exists(out_dir):
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out_dir, old)
+    os.replace(tmp, out_dir)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def save_hf_directory(
+    model,
+    source_dir: str,
+    out_dir: str,
+    max_shard_bytes: int = SHARD_BYTES,
+    buffer_bytes: int = BUFFER_BYTES,
+) -> str:
     """Export ``model`` into the HF directory ``out_dir``; every rank calls this (a collective).
 
-    Global rank 0 writes ``out_dir.tmp`` (safetensors with checkpoint-file names, as transformers'
-    ``save_pretrained`` writes them, plus the non-weight files of ``source_dir``) and renames it to
-    ``out_dir``, replacing an older one only then: a crash never leaves a half-written ``out_dir``.
+    The weights stream to global rank 0 (``weights.export_stream``: at most ``buffer_bytes`` of tensor
+    data in flight on any rank), which writes them into ``out_dir.tmp`` as they arrive (safetensors with
+    checkpoint-file names, as transformers' ``save_pretrained`` writes them, plus the non-weight files of
+    ``source_dir``) and renames it to ``out_dir``, replacing an older one only then: a crash never leaves
+    a half-written ``out_dir``.
     """
-    rank0 = not dist.is_initialized() or dist.get_rank() == 0
-    tied = bool(model.hf_config.tie_word_embeddings)
-    tensors = {}
-    for name, tensor in export_hf_state_dict(model):
-        if rank0 and not (tied and name == HEAD):
-            tensors[checkpoint_name(name)] = tensor
-    if rank0:
-        out_dir = out_dir.rstrip("/")
+    stream = export_stream(model, to="rank0", buffer_bytes=buffer_bytes, tied_head=False)
+    out_dir = out_dir.rstrip("/")
+    if dist.get_rank() != 0:
+        for _ in stream.pieces:  # take part in the gathers and sends
+            pass
+    else:
         tmp = out_dir + ".tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
         copy_non_weight_files(source_dir, tmp)
-        write_safetensors(tensors, tmp, max_shard_bytes)
-        old = out_dir + ".old"
-        if os.path.exists(out_dir):
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    if dist.is_initialized():
-        dist.barrier()
+        write_weights(stream, tmp, max_shard_bytes, buffer_bytes)
+        replace_directory(tmp, out_dir)
+    dist.barrier()
     return out_dir

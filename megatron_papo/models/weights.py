@@ -6,11 +6,10 @@ Names are those of transformers' in-memory model, ``Qwen2_5_VLForConditionalGene
 the embedding matrix). Checkpoint files use the older names (``model.layers.*``, ``visual.*``, no
 ``lm_head`` when tied); ``checkpoint_name`` / ``module_name`` convert, and ``HFCheckpoint`` reads both.
 
-Each LM parameter is described by the HF tensors it holds and how it is split over TP: ``replicated``,
-``column`` (rows split), ``row`` (columns split), ``qkv`` (q/k/v fused per query group, megatron's
-layout), ``fc1`` (gate and up fused per TP shard); the vision tower's tensors go through
-``megatron_papo.models.vision.weights``. Export gathers the shards over TP and streams each pipeline
-stage's tensors from that stage to every rank, bucket by bucket.
+Each parameter's HF tensors and TP split are a ``megatron_papo.models.layouts.Layout`` (the vision
+tower's from ``megatron_papo.models.vision.weights``). Loading reads only this rank's rows and columns
+of each HF tensor; export streams each stage's TP shards as row pieces, a bounded buffer at a time, to
+rank 0 or to every rank (``megatron_papo.models.weight_stream``).
 """
 
 from __future__ import annotations
@@ -18,16 +17,15 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from safetensors import safe_open
 
-from megatron_papo.models.buckets import buckets
-from megatron_papo.models.vision import export_hf_vision_weights, load_hf_vision_weights
-from megatron_papo.parallel.gather import tp_gather
+from megatron_papo.models import layouts
+from megatron_papo.models.layouts import Layout, column, gated
+from megatron_papo.models.vision.weights import vision_layouts
+from megatron_papo.models.weight_stream import BUFFER_BYTES, Piece, TensorSpec, WeightStream, relay
 
 LM, VISION, HEAD = "model.language_model.", "model.visual.", "lm_head.weight"
 EMBED = f"{LM}embed_tokens.weight"
@@ -52,100 +50,79 @@ def module_name(name: str) -> str:
     return name
 
 
-@dataclass(frozen=True)
-class Entry:
-    hf: tuple[str, ...]
-    kind: str
-
-
-def _lm_layer(prefix: str, hf: str, names: set[str]) -> dict[str, Entry]:
-    """Entries of one LM layer, for both megatron-core layer specs (local norms or TE-fused norms)."""
-    fused_norms = f"{prefix}self_attention.linear_qkv.layer_norm_weight" in names
+def _lm_layer(prefix: str, hf: str, rows: dict[str, int], qkv: tuple[Layout, Layout]) -> dict[str, Layout]:
+    """Layouts of one LM layer, for both megatron-core layer specs (local norms or TE-fused norms)."""
+    fused_norms = f"{prefix}self_attention.linear_qkv.layer_norm_weight" in rows
     attn, mlp = f"{hf}self_attn.", f"{hf}mlp."
+    fc1 = f"{prefix}mlp.linear_fc1.weight"
     return {
         (
             f"{prefix}self_attention.linear_qkv.layer_norm_weight"
             if fused_norms
             else f"{prefix}input_layernorm.weight"
-        ): Entry((f"{hf}input_layernorm.weight",), "replicated"),
-        f"{prefix}self_attention.linear_qkv.weight": Entry(
-            tuple(f"{attn}{p}_proj.weight" for p in "qkv"), "qkv"
-        ),
-        f"{prefix}self_attention.linear_qkv.bias": Entry(tuple(f"{attn}{p}_proj.bias" for p in "qkv"), "qkv"),
-        f"{prefix}self_attention.linear_proj.weight": Entry((f"{attn}o_proj.weight",), "row"),
+        ): Layout((f"{hf}input_layernorm.weight",)),
+        f"{prefix}self_attention.linear_qkv.weight": qkv[0],
+        f"{prefix}self_attention.linear_qkv.bias": qkv[1],
+        f"{prefix}self_attention.linear_proj.weight": Layout((f"{attn}o_proj.weight",), "columns"),
         (
             f"{prefix}mlp.linear_fc1.layer_norm_weight"
             if fused_norms
             else f"{prefix}pre_mlp_layernorm.weight"
-        ): Entry((f"{hf}post_attention_layernorm.weight",), "replicated"),
-        f"{prefix}mlp.linear_fc1.weight": Entry((f"{mlp}gate_proj.weight", f"{mlp}up_proj.weight"), "fc1"),
-        f"{prefix}mlp.linear_fc2.weight": Entry((f"{mlp}down_proj.weight",), "row"),
+        ): Layout((f"{hf}post_attention_layernorm.weight",)),
+        fc1: gated(f"{mlp}gate_proj.weight", f"{mlp}up_proj.weight", rows[fc1]),
+        f"{prefix}mlp.linear_fc2.weight": Layout((f"{mlp}down_proj.weight",), "columns"),
     }
 
 
-def parameter_map(model) -> dict[str, Entry]:
-    """Megatron LM parameter name (of this stage) -> its HF tensors and TP layout. With tied embeddings
-    the last stage's output layer (a copy of the embedding) maps to ``lm_head.weight``."""
-    names = {n for n, _ in model.named_parameters() if not n.startswith("vision.")}
-    entries: dict[str, Entry] = {}
+def _qkv(hf: str, model) -> tuple[Layout, Layout]:
+    """megatron's fused qkv weight and bias: per query group ``[q heads; k; v]``."""
+    c = model.config
+    per_group = ((0, c.num_attention_heads // c.num_query_groups * c.kv_channels, 0), (1, c.kv_channels, 0))
+    parts = (*per_group, (2, c.kv_channels, 0))
+    return tuple(
+        Layout(tuple(f"{hf}self_attn.{p}_proj.{w}" for p in "qkv"), "rows", parts) for w in ("weight", "bias")
+    )
+
+
+def parameter_map(model) -> dict[str, Layout]:
+    """Megatron parameter name (of this stage, the vision tower's included) -> its HF tensors and TP
+    layout. With tied embeddings the last stage's output layer (a copy of the embedding) maps to
+    ``lm_head.weight``."""
+    rows = {n: len(p) for n, p in model.named_parameters() if not n.startswith("vision.")}
+    entries: dict[str, Layout] = {}
+    if model.vision is not None:
+        entries |= {f"vision.{n}": e for n, e in vision_layouts(model.vision, VISION).items()}
     lm = model.language_model
     offset = lm.decoder.layers[0].layer_number - 1 if len(lm.decoder.layers) else 0
     for layer in lm.decoder.layers:
         prefix = f"language_model.decoder.layers.{layer.layer_number - 1 - offset}."
-        entries |= _lm_layer(prefix, f"{LM}layers.{layer.layer_number - 1}.", names)
+        hf = f"{LM}layers.{layer.layer_number - 1}."
+        entries |= _lm_layer(prefix, hf, rows, _qkv(hf, model))
     if lm.pre_process:
-        entries["language_model.embedding.word_embeddings.weight"] = Entry((EMBED,), "column")
+        embedding = "language_model.embedding.word_embeddings.weight"
+        entries[embedding] = column(EMBED, rows[embedding])
     if lm.post_process:
-        entries["language_model.decoder.final_layernorm.weight"] = Entry((f"{LM}norm.weight",), "replicated")
-        if "language_model.output_layer.weight" in names:
-            entries["language_model.output_layer.weight"] = Entry((HEAD,), "column")
-    missing = names - set(entries)
+        entries["language_model.decoder.final_layernorm.weight"] = Layout((f"{LM}norm.weight",))
+        if "language_model.output_layer.weight" in rows:
+            entries["language_model.output_layer.weight"] = column(
+                HEAD, rows["language_model.output_layer.weight"]
+            )
+    missing = set(rows) - set(entries)
     if missing:
         raise RuntimeError(f"no HF mapping for megatron parameters {sorted(missing)[:5]}")
     return entries
 
 
-def _lm_dims(model) -> tuple[int, int, int]:
-    c = model.config
-    return c.num_attention_heads, c.num_query_groups, c.kv_channels
+class StoredTensor:
+    """One tensor of a safetensors file, read lazily: ``shape``, and ``[rows]`` / ``[rows, columns]``
+    slices read only those bytes."""
 
+    def __init__(self, handle, name: str) -> None:
+        self.slice = handle.get_slice(name)
+        self.shape = tuple(self.slice.get_shape())
 
-def _to_local(model, entry: Entry, full: list[torch.Tensor]) -> torch.Tensor:
-    """Full HF tensors -> this TP rank's shard of one megatron parameter."""
-    tp, rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
-    if entry.kind == "replicated":
-        return full[0]
-    if entry.kind == "column":
-        return full[0].chunk(tp, dim=0)[rank]
-    if entry.kind == "row":
-        return full[0].chunk(tp, dim=1)[rank]
-    if entry.kind == "fc1":
-        return torch.cat([t.chunk(tp, dim=0)[rank] for t in full])
-    heads, groups, dim = _lm_dims(model)  # qkv
-    q, k, v = full
-    per = heads // groups
-    q = q.reshape(groups, per * dim, *q.shape[1:])
-    k, v = k.reshape(groups, dim, *k.shape[1:]), v.reshape(groups, dim, *v.shape[1:])
-    fused = torch.cat([q, k, v], dim=1).reshape(-1, *q.shape[2:])
-    return fused.chunk(tp, dim=0)[rank]
-
-
-def _to_full(model, entry: Entry, shards: list[torch.Tensor]) -> list[torch.Tensor]:
-    """This parameter's shards from every TP rank -> the full HF tensors."""
-    if entry.kind == "replicated":
-        return [shards[0]]
-    if entry.kind == "column":
-        return [torch.cat(shards, dim=0)]
-    if entry.kind == "row":
-        return [torch.cat(shards, dim=1)]
-    if entry.kind == "fc1":
-        halves = [s.chunk(2, dim=0) for s in shards]
-        return [torch.cat([h[0] for h in halves]), torch.cat([h[1] for h in halves])]
-    heads, groups, dim = _lm_dims(model)
-    per = heads // groups
-    fused = torch.cat(shards, dim=0).reshape(groups, (per + 2) * dim, *shards[0].shape[1:])
-    q, k, v = fused.split([per * dim, dim, dim], dim=1)
-    return [t.reshape(-1, *shards[0].shape[1:]) for t in (q, k, v)]
+    def __getitem__(self, index) -> torch.Tensor:
+        return self.slice[index]
 
 
 class HFCheckpoint:
@@ -166,16 +143,18 @@ class HFCheckpoint:
             raise FileNotFoundError(f"{path}: weight shards listed in {INDEX} are missing: {missing}")
         self.path = path
         self.files = {module_name(k): (file, k) for k, file in file_map.items()}
+        self.handles: dict[str, object] = {}
 
     def __contains__(self, name: str) -> bool:
         return name in self.files
 
-    def __getitem__(self, name: str) -> torch.Tensor:
+    def __getitem__(self, name: str) -> StoredTensor:
         if name not in self.files:
             raise KeyError(f"{self.path}: the checkpoint has no tensor {checkpoint_name(name)!r}")
         file, stored = self.files[name]
-        with safe_open(os.path.join(self.path, file), "pt") as f:
-            return f.get_tensor(stored)
+        if file not in self.handles:
+            self.handles[file] = safe_open(os.path.join(self.path, file), "pt")
+        return StoredTensor(self.handles[file], stored)
 
 
 def _check_model_type(hf_dir: str) -> None:
@@ -189,62 +168,57 @@ def _check_model_type(hf_dir: str) -> None:
 
 @torch.no_grad()
 def load_hf_weights(model, hf_dir: str) -> None:
-    """Copy the HF weights in ``hf_dir`` into this rank's shard of ``model`` (a ``Qwen25VLModel`` stage).
+    """Copy the HF weights in ``hf_dir`` into this rank's shard of ``model`` (a ``Qwen25VLModel`` stage),
+    reading only this rank's rows and columns of each tensor.
 
     Raises ``ValueError`` for a directory of another model type or a tensor of the wrong shape,
     ``FileNotFoundError`` for missing weight files or shards, ``KeyError`` naming a missing tensor.
     """
     _check_model_type(hf_dir)
     checkpoint = HFCheckpoint(hf_dir)
-    params = dict(model.named_parameters())
-    for name, entry in parameter_map(model).items():
-        hf = entry.hf
+    entries = parameter_map(model)
+    sources = {}
+    for name, layout in entries.items():
+        hf = layout.hf
         if hf == (HEAD,) and HEAD not in checkpoint and model.hf_config.tie_word_embeddings:
             hf = (EMBED,)  # tied checkpoints store the embedding only
-        local = _to_local(model, entry, [checkpoint[n] for n in hf])
-        if local.shape != params[name].shape:
-            raise ValueError(
-                f"{hf_dir}: {[checkpoint_name(n) for n in hf]} give {name} shape {tuple(local.shape)}, "
-                f"the model expects {tuple(params[name].shape)}"
-            )
-        params[name].copy_(local)
-    if model.vision is not None:
-        load_hf_vision_weights(model.vision, checkpoint, VISION)
+        sources[name] = [checkpoint[n] for n in hf]
+    try:
+        layouts.load(dict(model.named_parameters()), entries, sources)
+    except ValueError as e:
+        raise ValueError(f"{hf_dir}: {e}") from e
 
 
-def _stage_tensors(model) -> Iterator[tuple[str, torch.Tensor]]:
-    """This stage's (name, full tensor) pairs, gathered over TP (a TP collective)."""
-    params = dict(model.named_parameters())
+def export_stream(
+    model, to: str = "all", buffer_bytes: int = BUFFER_BYTES, tied_head: bool = True
+) -> WeightStream:
+    """The whole model's HF tensors (``state_dict()`` names), streamed as row pieces of at most
+    ``buffer_bytes`` in flight per rank, to global rank 0 (``to="rank0"``) or to every rank (``"all"``);
+    see ``megatron_papo.models.weight_stream``. ``tied_head``: with tied embeddings also give
+    ``lm_head.weight`` (the embedding's rows again). A collective: every rank iterates it to the end."""
+    if to == "rank0" and ps.get_data_parallel_rank() != 0:
+        return WeightStream([], iter(()))  # another replica: rank 0's own replica exports
+    entries = parameter_map(model)
     tied = bool(model.hf_config.tie_word_embeddings)
-    if model.vision is not None:
-        yield from export_hf_vision_weights(model.vision, VISION)
-    for name, entry in parameter_map(model).items():
-        full = _to_full(model, entry, tp_gather(params[name].detach()))
-        if entry.hf == (HEAD,) and tied:
-            continue  # the embedding's copy: exported with the embedding
-        yield from zip(entry.hf, full, strict=True)
-        if entry.hf == (EMBED,) and tied:
-            yield HEAD, full[0]
+    entries = {n: e for n, e in entries.items() if not (tied and e.hf == (HEAD,))}  # the embedding's copy
+    params = dict(model.named_parameters())
+    specs = layouts.specs(params, entries)
+    pieces = layouts.pieces(params, entries, buffer_bytes, to_first=to == "rank0")
+    if tied and tied_head and any(s.name == EMBED for s in specs):
+        specs.append(TensorSpec(HEAD, *next((s.dtype, s.shape) for s in specs if s.name == EMBED)))
+        pieces = _with_head(pieces)
+    return relay(specs, pieces, to)
 
 
-@torch.no_grad()
-def export_hf_state_dict(model, bucket_bytes: int = 256 << 20) -> Iterator[tuple[str, torch.Tensor]]:
-    """(``state_dict()`` name, full CPU tensor) for every weight of the whole model, on every rank, stage
-    by stage in buckets of at most ``bucket_bytes`` (``megatron_papo.models.buckets``). A collective:
-    every rank must iterate it to the end. With tied embeddings ``lm_head.weight`` is the same tensor as
-    the embedding."""
-    pp = ps.get_pipeline_model_parallel_world_size()
-    if pp == 1:
-        for name, tensor in _stage_tensors(model):
-            yield name, tensor.cpu()
-        return
-    group, me = ps.get_pipeline_model_parallel_group(), ps.get_pipeline_model_parallel_rank()
-    local = buckets(((name, tensor.cpu()) for name, tensor in _stage_tensors(model)), bucket_bytes)
-    for stage in range(pp):
-        src = dist.get_global_rank(group, stage)
-        while True:
-            payload = [next(local, []) if stage == me else []]  # an empty bucket: the stage is done
-            dist.broadcast_object_list(payload, src=src, group=group)
-            if not payload[0]:
-                break
-            yield from payload[0]
+def _with_head(pieces: Iterator[Piece]) -> Iterator[Piece]:
+    for piece in pieces:
+        yield piece
+        if piece.name == EMBED:
+            yield Piece(HEAD, piece.row, piece.tensor)
+
+
+def export_hf_state_dict(model, buffer_bytes: int = BUFFER_BYTES) -> Iterator[tuple[str, torch.Tensor]]:
+    """(``state_dict()`` name, full CPU tensor) for every weight of the whole model, on every rank, each
+    tensor once its rows are in (moved as pieces of at most ``buffer_bytes``). A collective: every rank
+    must iterate it to the end."""
+    return iter(export_stream(model, to="all", buffer_bytes=buffer_bytes))

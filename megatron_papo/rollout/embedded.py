@@ -28,6 +28,8 @@ from megatron_papo.rollout.engine import Rollout, RolloutRequest, rollout_stats,
 class EmbeddedEngine:
     """Generates with ``Qwen2_5_VLForConditionalGeneration`` built from the HF config at ``hf_path``."""
 
+    weights_to = "all"  # every rank generates with its own copy
+
     def __init__(
         self,
         hf_path: str,

@@ -58,8 +58,13 @@ class RolloutEngine(Protocol):
         """For each request, ``n`` responses (outer list aligned with ``requests``)."""
         ...
 
+    weights_to: str
+    """Where the policy's weights are streamed for ``sync_weights``: ``all`` ranks (an engine on each)
+    or ``rank0`` (``megatron_papo.models.weights.export_stream``)."""
+
     def sync_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Load the policy's current weights, given as (HF parameter name, full tensor) pairs."""
+        """Load the policy's current weights, given as (HF parameter name, full tensor) pairs (a
+        ``WeightStream`` from the policy, any iterable of pairs in tests)."""
         ...
 
 

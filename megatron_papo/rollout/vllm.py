@@ -100,6 +100,8 @@ class VllmEngine:
     ``pool``: the servers (``servers``: the same list); ``weights``: the synced weights and their version.
     """
 
+    weights_to = "rank0"  # global rank 0 writes or broadcasts them
+
     def __init__(self, cfg: VllmConfig, rollout: RolloutConfig, hf_path: str) -> None:
         self.cfg = cfg
         self.rollout = rollout

@@ -1,12 +1,13 @@
 """Exported policy weights -> the checkpoint-named buckets vLLM servers load, and the safetensors directory
 of the portable weight sync.
 
-The (``state_dict()`` name, full tensor) pairs of ``megatron_papo.models.export_hf_state_dict`` arrive
-stream-wise; they are renamed to checkpoint-file names (``model.layers.*``, ``visual.*``) and grouped in
-size-bounded buckets (``megatron_papo.models.buckets``), so at most one bucket is held in memory.
-Broadcast sync sends each bucket as one message (``megatron_papo.rollout.weight_group``); directory sync
-writes one safetensors shard per bucket. The directory is built as ``<out>.tmp`` and renamed to ``<out>``
-once complete: a server never reads a half-written directory.
+The policy's weights arrive on global rank 0 as a ``megatron_papo.models.weight_stream.WeightStream``
+(row pieces, at most a buffer's bytes in flight) and are renamed to checkpoint-file names
+(``model.layers.*``, ``visual.*``). Broadcast sync assembles whole tensors and sends size-bounded buckets
+of them (``megatron_papo.models.buckets``), one message each (``megatron_papo.rollout.weight_group``);
+directory sync writes each piece into safetensors shards of at most ``bucket_bytes`` as it arrives, with
+the writer of every HF export (``hf_directory.write_weights``). The directory is built as ``<out>.tmp``
+and renamed to ``<out>`` once complete: a server never reads a half-written directory.
 
 With tied embeddings ``lm_head.weight`` (the embedding matrix) is written too, unlike ``save_pretrained``:
 vLLM 0.32's in-place ``reload_weights`` re-creates the embedding but puts the output layer's old tensor
@@ -16,18 +17,16 @@ back when no ``lm_head.weight`` is loaded, so a tied server would keep sampling 
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from collections.abc import Iterable, Iterator
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
-from megatron_papo.models.buckets import buckets, tensor_bytes
-from megatron_papo.models.hf_directory import copy_non_weight_files
-from megatron_papo.models.weights import HEAD, INDEX, checkpoint_name
+from megatron_papo.models.hf_directory import copy_non_weight_files, replace_directory, write_weights
+from megatron_papo.models.weight_stream import BUFFER_BYTES, WeightStream
+from megatron_papo.models.weights import HEAD, checkpoint_name
 
 
 def checkpoint_tensor_names(hf_dir: str) -> set[str]:
@@ -42,6 +41,20 @@ def checkpoint_tensor_names(hf_dir: str) -> set[str]:
     return names
 
 
+def _names_problem(names: set[str], source_dir: str, tied: bool) -> str | None:
+    """What is wrong with syncing the tensors ``names`` (checkpoint-file names) into servers started from
+    ``source_dir``: they must be exactly its checkpoint's (plus ``lm_head.weight`` when ``tied``)."""
+    expected = checkpoint_tensor_names(source_dir) | ({HEAD} if tied else set())
+    missing, unexpected = expected - names, names - expected
+    if not missing and not unexpected:
+        return None
+    return (
+        f"weight sync: the exported weights do not match the checkpoint of {source_dir!r}: "
+        f"{len(missing)} missing (e.g. {sorted(missing)[:3]}), "
+        f"{len(unexpected)} unexpected (e.g. {sorted(unexpected)[:3]})"
+    )
+
+
 def checkpoint_tensors(
     named_tensors: Iterable[tuple[str, torch.Tensor]], source_dir: str, tied: bool
 ) -> Iterator[tuple[str, torch.Tensor]]:
@@ -52,7 +65,6 @@ def checkpoint_tensors(
     (vLLM itself only warns about weights it did not reload). Checked at the end, not on the way: every
     rank must finish the export's gathers.
     """
-    expected = checkpoint_tensor_names(source_dir) | ({HEAD} if tied else set())
     seen: set[str] = set()
     for name, tensor in named_tensors:
         file_name = checkpoint_name(name)
@@ -60,48 +72,40 @@ def checkpoint_tensors(
             raise ValueError(f"weight sync: {name!r} was given twice")
         seen.add(file_name)
         yield file_name, tensor.detach()
-    missing, unexpected = expected - seen, seen - expected
-    if missing or unexpected:
-        raise ValueError(
-            f"weight sync: the exported weights do not match the checkpoint of {source_dir!r}: "
-            f"{len(missing)} missing (e.g. {sorted(missing)[:3]}), "
-            f"{len(unexpected)} unexpected (e.g. {sorted(unexpected)[:3]})"
-        )
+    problem = _names_problem(seen, source_dir, tied)
+    if problem:
+        raise ValueError(problem)
 
 
 def write_weight_directory(
-    named_tensors: Iterable[tuple[str, torch.Tensor]],
+    named_tensors: WeightStream | Iterable[tuple[str, torch.Tensor]],
     out_dir: str,
     source_dir: str,
     tied: bool,
     bucket_bytes: int,
+    buffer_bytes: int = BUFFER_BYTES,
 ) -> int:
-    """Write ``named_tensors`` as the HF directory ``out_dir`` (weights in buckets of at most
-    ``bucket_bytes``, ``megatron_papo.models.buckets``, plus the non-weight files of ``source_dir``); return
-    the bytes written. A wrong set of names (see ``checkpoint_tensors``) raises ``ValueError`` and leaves
-    nothing behind.
+    """Write ``named_tensors`` (an export's stream, or in-memory pairs) as the HF directory ``out_dir``:
+    safetensors shards of at most ``bucket_bytes``, written piece by piece (``hf_directory.write_weights``,
+    at most ``buffer_bytes`` in flight), plus the non-weight files of ``source_dir``; return the bytes
+    written. A wrong set of names (see ``checkpoint_tensors``) raises ``ValueError`` once the stream is
+    drained, and nothing is written.
     """
+    stream = named_tensors if isinstance(named_tensors, WeightStream) else WeightStream.of(named_tensors)
+    problem = _names_problem({checkpoint_name(s.name) for s in stream.specs}, source_dir, tied)
+    if problem:
+        for _ in stream.pieces:  # the other ranks' sends
+            pass
+        raise ValueError(problem)
     out_dir = out_dir.rstrip("/")
     tmp = out_dir + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    weight_map: dict[str, str] = {}
-    total = 0
     try:
-        pairs = checkpoint_tensors(named_tensors, source_dir, tied)
-        for i, bucket in enumerate(buckets(pairs, bucket_bytes)):
-            file = f"model-{i + 1:05d}.safetensors"
-            # a tied head is the embedding tensor itself; safetensors refuses to write shared storage
-            tensors = {name: (t.clone() if name == HEAD else t).contiguous().cpu() for name, t in bucket}
-            save_file(tensors, os.path.join(tmp, file), metadata={"format": "pt"})
-            weight_map.update(dict.fromkeys(tensors, file))
-            total += sum(tensor_bytes(t) for t in tensors.values())
+        total = write_weights(stream, tmp, bucket_bytes, buffer_bytes)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    with open(os.path.join(tmp, INDEX), "w", encoding="utf-8") as f:
-        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
     copy_non_weight_files(source_dir, tmp)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.replace(tmp, out_dir)
+    replace_directory(tmp, out_dir)
     return total

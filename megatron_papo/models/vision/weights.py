@@ -2,135 +2,89 @@
 
 HF names are relative to ``prefix``: ``model.visual.`` in transformers 5's
 ``Qwen2_5_VLForConditionalGeneration.state_dict()``, ``visual.`` in Qwen2.5-VL checkpoint files.
-Each encoder parameter is built from one or more HF tensors by a layout:
+Each encoder parameter holds one or more HF tensors by a ``megatron_papo.models.layouts.Layout``:
 
-- ``replicated``: the same tensor on every rank (norms, biases added after a row-parallel reduce);
-- ``patch``: the Conv3d kernel [hidden, C, T, P, P] flattened to the linear map [hidden, C*T*P*P];
-- ``column`` / ``row``: rows / columns split over TP;
-- ``qkv``: HF rows ``[q heads; k heads; v heads]`` -> megatron-core's ``[head0: q k v; head1: q k v; ...]``,
+- replicated: the same tensor on every rank (norms, biases added after a row-parallel reduce);
+- the patch embedding: the Conv3d kernel [hidden, C, T, P, P] as the linear map [hidden, C*T*P*P];
+- column / row parallel: rows / columns split over TP;
+- qkv: HF rows ``[q heads; k heads; v heads]`` -> megatron-core's ``[head0: q k v; head1: q k v; ...]``,
   heads split over TP;
-- ``gated``: HF ``gate_proj`` and ``up_proj`` -> ``linear_fc1`` = ``[gate rows; up rows]`` of this rank.
+- gated: HF ``gate_proj`` and ``up_proj`` -> ``linear_fc1`` = ``[gate rows; up rows]`` of this rank.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
 
 import torch
 from megatron.core import parallel_state as ps
 
+from megatron_papo.models import layouts
+from megatron_papo.models.layouts import Layout, column, gated
 from megatron_papo.models.vision.encoder import Qwen25VisionEncoder
-from megatron_papo.parallel.gather import tp_gather
+from megatron_papo.models.weight_stream import BUFFER_BYTES, WeightStream
 
 
-@dataclass(frozen=True)
-class Entry:
-    """One encoder parameter: the HF tensors it holds (relative to the prefix) and its layout."""
-
-    hf: tuple[str, ...]
-    layout: str
-
-
-def vision_parameter_map(encoder: Qwen25VisionEncoder) -> dict[str, Entry]:
-    """Encoder parameter name -> its HF tensors and TP layout, for every parameter of ``encoder``."""
+def vision_layouts(encoder: Qwen25VisionEncoder, prefix: str) -> dict[str, Layout]:
+    """Encoder parameter name -> its HF tensors (``prefix`` + HF name) and TP layout, for every parameter
+    of ``encoder``."""
+    rows = {n: len(p) for n, p in encoder.named_parameters()}
+    heads = encoder.config.num_attention_heads
+    tp = ps.get_tensor_model_parallel_world_size()
     entries = {
-        "patch_embed.weight": Entry(("patch_embed.proj.weight",), "patch"),
-        "merger.ln_q.weight": Entry(("merger.ln_q.weight",), "replicated"),
-        "merger.fc1.weight": Entry(("merger.mlp.0.weight",), "column"),
-        "merger.fc1.bias": Entry(("merger.mlp.0.bias",), "column"),
-        "merger.fc2.weight": Entry(("merger.mlp.2.weight",), "row"),
-        "merger.fc2.bias": Entry(("merger.mlp.2.bias",), "replicated"),
+        "patch_embed.weight": Layout(
+            (f"{prefix}patch_embed.proj.weight",), row_shape=encoder.patch_embed.kernel
+        ),
+        "merger.ln_q.weight": Layout((f"{prefix}merger.ln_q.weight",)),
+        "merger.fc1.weight": column(f"{prefix}merger.mlp.0.weight", rows["merger.fc1.weight"]),
+        "merger.fc1.bias": column(f"{prefix}merger.mlp.0.bias", rows["merger.fc1.bias"]),
+        "merger.fc2.weight": Layout((f"{prefix}merger.mlp.2.weight",), "columns"),
+        "merger.fc2.bias": Layout((f"{prefix}merger.mlp.2.bias",)),
     }
     for i in range(len(encoder.decoder.layers)):
-        ours, hf = f"decoder.layers.{i}.", f"blocks.{i}."
+        ours, hf = f"decoder.layers.{i}.", f"{prefix}blocks.{i}."
+        qkv = f"{ours}self_attention.linear_qkv.weight"
+        d = rows[qkv] * tp // (3 * heads)  # rows per head of q, k and v
+        per_head = ((0, d, 0), (0, d, heads * d), (0, d, 2 * heads * d))
         entries |= {
-            f"{ours}input_layernorm.weight": Entry((f"{hf}norm1.weight",), "replicated"),
-            f"{ours}self_attention.linear_qkv.weight": Entry((f"{hf}attn.qkv.weight",), "qkv"),
-            f"{ours}self_attention.linear_qkv.bias": Entry((f"{hf}attn.qkv.bias",), "qkv"),
-            f"{ours}self_attention.linear_proj.weight": Entry((f"{hf}attn.proj.weight",), "row"),
-            f"{ours}self_attention.linear_proj.bias": Entry((f"{hf}attn.proj.bias",), "replicated"),
-            f"{ours}pre_mlp_layernorm.weight": Entry((f"{hf}norm2.weight",), "replicated"),
-            f"{ours}mlp.linear_fc2.weight": Entry((f"{hf}mlp.down_proj.weight",), "row"),
-            f"{ours}mlp.linear_fc2.bias": Entry((f"{hf}mlp.down_proj.bias",), "replicated"),
+            f"{ours}input_layernorm.weight": Layout((f"{hf}norm1.weight",)),
+            qkv: Layout((f"{hf}attn.qkv.weight",), "rows", per_head),
+            f"{ours}self_attention.linear_qkv.bias": Layout((f"{hf}attn.qkv.bias",), "rows", per_head),
+            f"{ours}self_attention.linear_proj.weight": Layout((f"{hf}attn.proj.weight",), "columns"),
+            f"{ours}self_attention.linear_proj.bias": Layout((f"{hf}attn.proj.bias",)),
+            f"{ours}pre_mlp_layernorm.weight": Layout((f"{hf}norm2.weight",)),
+            f"{ours}mlp.linear_fc2.weight": Layout((f"{hf}mlp.down_proj.weight",), "columns"),
+            f"{ours}mlp.linear_fc2.bias": Layout((f"{hf}mlp.down_proj.bias",)),
         }
         for p in ("weight", "bias"):
-            gate_up = (f"{hf}mlp.gate_proj.{p}", f"{hf}mlp.up_proj.{p}")
-            entries[f"{ours}mlp.linear_fc1.{p}"] = Entry(gate_up, "gated")
-    missing = {n for n, _ in encoder.named_parameters()} - set(entries)
+            fc1 = f"{ours}mlp.linear_fc1.{p}"
+            entries[fc1] = gated(f"{hf}mlp.gate_proj.{p}", f"{hf}mlp.up_proj.{p}", rows[fc1])
+    missing = set(rows) - set(entries)
     if missing:
         raise RuntimeError(f"no HF mapping for vision parameters {sorted(missing)}")
     return entries
 
 
-def _heads(encoder: Qwen25VisionEncoder) -> int:
-    return encoder.config.num_attention_heads
-
-
-def _shard(encoder: Qwen25VisionEncoder, entry: Entry, full: list[torch.Tensor]) -> torch.Tensor:
-    """Full HF tensors -> this TP rank's shard of one parameter."""
-    tp, rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
-    if entry.layout == "replicated":
-        return full[0]
-    if entry.layout == "patch":
-        return full[0].reshape(full[0].shape[0], -1)
-    if entry.layout == "column":
-        return full[0].chunk(tp, dim=0)[rank]
-    if entry.layout == "row":
-        return full[0].chunk(tp, dim=1)[rank]
-    if entry.layout == "gated":
-        return torch.cat([t.chunk(tp, dim=0)[rank] for t in full])
-    qkv = full[0]  # [3 * heads * d, ...] -> [heads, 3, d, ...]
-    per_head = qkv.reshape(3, _heads(encoder), -1, *qkv.shape[1:]).transpose(0, 1)
-    return per_head.chunk(tp, dim=0)[rank].reshape(-1, *qkv.shape[1:])
-
-
-def _unshard(encoder: Qwen25VisionEncoder, entry: Entry, shards: list[torch.Tensor]) -> list[torch.Tensor]:
-    """One parameter's shards from every TP rank -> its full HF tensors."""
-    if entry.layout == "replicated":
-        return [shards[0]]
-    if entry.layout == "patch":
-        return [shards[0].reshape(-1, *encoder.patch_embed.kernel)]
-    if entry.layout == "column":
-        return [torch.cat(shards, dim=0)]
-    if entry.layout == "row":
-        return [torch.cat(shards, dim=1)]
-    if entry.layout == "gated":
-        halves = [s.chunk(2, dim=0) for s in shards]
-        return [torch.cat([h[0] for h in halves]), torch.cat([h[1] for h in halves])]
-    per_head = torch.cat(shards, dim=0).reshape(_heads(encoder), 3, -1, *shards[0].shape[1:])
-    return [per_head.transpose(0, 1).reshape(-1, *shards[0].shape[1:])]
-
-
 @torch.no_grad()
-def load_hf_vision_weights(
-    encoder: Qwen25VisionEncoder, hf_tensors: Mapping[str, torch.Tensor], prefix: str
-) -> None:
-    """Copy this TP rank's shard of the full HF tensors ``hf_tensors[prefix + name]`` into ``encoder``.
+def load_hf_vision_weights(encoder: Qwen25VisionEncoder, hf_tensors: Mapping, prefix: str) -> None:
+    """Copy this TP rank's shard of the HF tensors ``hf_tensors[prefix + name]`` (full tensors, or lazy
+    slices of ``weights.HFCheckpoint``: only this rank's rows are read) into ``encoder``.
 
     Raises ``KeyError`` naming a missing HF tensor, ``ValueError`` naming one of the wrong shape.
     """
-    params = dict(encoder.named_parameters())
-    for name, entry in vision_parameter_map(encoder).items():
-        full = []
-        for hf_name in entry.hf:
-            if prefix + hf_name not in hf_tensors:
-                raise KeyError(f"the HF weights have no vision tensor {prefix + hf_name!r} (for {name})")
-            full.append(hf_tensors[prefix + hf_name])
-        local = _shard(encoder, entry, full)
-        if local.shape != params[name].shape:
-            raise ValueError(
-                f"HF vision tensors {[prefix + n for n in entry.hf]} of shapes "
-                f"{[tuple(t.shape) for t in full]} do not fit {name} (shard {tuple(params[name].shape)})"
-            )
-        params[name].copy_(local)
+    entries = vision_layouts(encoder, prefix)
+    sources = {}
+    for name, layout in entries.items():
+        for hf_name in layout.hf:
+            if hf_name not in hf_tensors:
+                raise KeyError(f"the HF weights have no vision tensor {hf_name!r} (for {name})")
+        sources[name] = [hf_tensors[n] for n in layout.hf]
+    layouts.load(dict(encoder.named_parameters()), entries, sources)
 
 
-@torch.no_grad()
 def export_hf_vision_weights(encoder: Qwen25VisionEncoder, prefix: str) -> Iterator[tuple[str, torch.Tensor]]:
     """(HF name, full tensor) for every vision weight, gathered over TP: every rank of the TP group gets
     the same tensors (a collective: all its ranks must iterate it to the end, in step)."""
-    params = dict(encoder.named_parameters())
-    for name, entry in vision_parameter_map(encoder).items():
-        full = _unshard(encoder, entry, tp_gather(params[name].detach()))
-        yield from zip((prefix + n for n in entry.hf), full, strict=True)
+    params, entries = dict(encoder.named_parameters()), vision_layouts(encoder, prefix)
+    pieces = layouts.pieces(params, entries, BUFFER_BYTES, to_first=False)
+    return iter(WeightStream(layouts.specs(params, entries), pieces))
