@@ -174,11 +174,12 @@ def token_stats(
     log-probs without gradient); advantages: [b]. The masked image as ``masked_logits`` (logits' shape;
     with gradient when ``masked_grad``, else detached) or as precomputed ``masked_log_probs`` [b, s].
     """
-    b, s = labels.shape
-    if loss_mask.shape != (b, s) or (old_log_probs is not None and old_log_probs.shape != (b, s)):
-        old_shape = None if old_log_probs is None else tuple(old_log_probs.shape)
+    b, s = labels.shape if packing is not None else logits.shape[:2]  # padded: the logits set [b, s]
+    old_shape = None if old_log_probs is None else tuple(old_log_probs.shape)
+    if labels.shape != (b, s) or loss_mask.shape != (b, s) or old_shape not in (None, (b, s)):
         raise ValueError(
-            f"loss_mask and old_log_probs must be [{b}, {s}], got {tuple(loss_mask.shape)}, {old_shape}"
+            f"labels, loss_mask and old_log_probs must be [{b}, {s}], got {tuple(labels.shape)}, "
+            f"{tuple(loss_mask.shape)}, {old_shape}"
         )
     expected = (b, s) if packing is None else (packing.tokens,)
     if logits.shape[:-1] != expected:
