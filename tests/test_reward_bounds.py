@@ -51,7 +51,7 @@ def test_adversarial_answer_finishes_within_its_cap(pool, name):
     stats = pool.take_stats()
     assert elapsed < TIMEOUT_S + 1.0, (name, elapsed)
     assert out.accuracy == 0.0 or name == "5000-term sum", out
-    assert stats["reward/timeouts"] in (0.0, 1.0) and stats["reward/time_s"] == pytest.approx(
+    assert stats["reward/timeouts"] in (0.0, 1.0) and stats["perf/reward_s"] == pytest.approx(
         elapsed, abs=0.1
     )
     if stats["reward/timeouts"]:
@@ -108,4 +108,4 @@ def test_reward_bounds_are_checked():
 
 def test_reward_time_and_timeouts_are_logged_each_step(tp2_run):
     for row in tp2_run:
-        assert row["reward/time_s"] > 0 and row["reward/timeouts"] == 0 and row["data/skipped_samples"] == 0
+        assert row["perf/reward_s"] > 0 and row["reward/timeouts"] == 0 and row["data/skipped_samples"] == 0

@@ -116,8 +116,8 @@ class RewardPool:
         self.timeouts += 1
 
     def take_stats(self) -> dict[str, float]:
-        """``reward/time_s`` (grading time) and ``reward/timeouts`` since the last call."""
-        stats = {"reward/time_s": self.time_s, "reward/timeouts": float(self.timeouts)}
+        """``perf/reward_s`` (grading time) and ``reward/timeouts`` since the last call."""
+        stats = {"perf/reward_s": self.time_s, "reward/timeouts": float(self.timeouts)}
         self.time_s, self.timeouts = 0.0, 0
         return stats
 
