@@ -176,8 +176,9 @@ class TrainingLoop:
         if self.step == cfg.trainer.steps:
             self.finish()
         if self.metrics is not None:
-            for line in progress_lines(read_metrics(self.metrics.jsonl_path)):
-                self.metrics.message(line)
+            if self.step > first:  # this launch logged rows
+                for line in progress_lines(read_metrics(self.metrics.jsonl_path)):
+                    self.metrics.message(line)
             self.metrics.message(
                 f"done: metrics {self.metrics.jsonl_path}, TensorBoard {self.metrics.tb_dir}, "
                 f"checkpoints {os.path.abspath(cfg.checkpoint.dir)}"
