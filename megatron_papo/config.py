@@ -66,6 +66,7 @@ class EvalConfig:
     interval: int = 0  # steps between evaluations during training; 0: none
     max_prompts: int = 0  # 0: the whole test split
     n: int = 1  # samples per prompt (avg@n)
+    at_start: bool = False  # evaluate before the first step too (a step-0 row): the before / after pair
 
     def __post_init__(self) -> None:
         if self.interval < 0 or self.max_prompts < 0 or self.n < 1:

@@ -9,6 +9,7 @@ A subclass builds its ``policy`` (a ``Policy``) and implements ``headline()`` (i
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,7 +32,8 @@ from megatron_papo.training.checkpointing import (
     load_checkpoint,
     save_checkpoint,
 )
-from megatron_papo.training.metrics import MetricsLogger
+from megatron_papo.training.metrics import MetricsLogger, read_metrics
+from megatron_papo.training.progress import progress_lines
 from megatron_papo.training.prompts import PromptSource
 from megatron_papo.training.trackers import InputImages, build_trackers
 
@@ -139,6 +141,8 @@ class TrainingLoop:
         stop = False
         bad_steps = 0
         first = self.step
+        if cfg.eval.at_start and self.step == 0:
+            self._log_metrics(average_over_ranks(evaluate(cfg, self.policy, seed=cfg.trainer.seed)))
         while self.step < cfg.trainer.steps and not stop:
             self.step += 1
             outcome = self.train_step()
@@ -155,9 +159,7 @@ class TrainingLoop:
                 metrics |= evaluate(cfg, self.policy, seed=cfg.trainer.seed)
             metrics = average_over_ranks(metrics)
             stop = self.after_step(metrics) or stop
-            if self.metrics is not None:
-                images = self._input_images(outcome.prompts) if self.metrics.wants_images(self.step) else []
-                self.metrics.log(self.step, metrics, images)
+            self._log_metrics(metrics, outcome.prompts)
             bad_steps = bad_steps + 1 if outcome.skipped else 0
             if bad_steps:
                 self.log(f"step {self.step}: non-finite loss or grad, update skipped ({bad_steps} in a row)")
@@ -174,13 +176,22 @@ class TrainingLoop:
         if self.step == cfg.trainer.steps:
             self.finish()
         if self.metrics is not None:
+            if self.step > first:  # this launch logged rows
+                for line in progress_lines(read_metrics(self.metrics.jsonl_path)):
+                    self.metrics.message(line)
             self.metrics.message(
                 f"done: metrics {self.metrics.jsonl_path}, TensorBoard {self.metrics.tb_dir}, "
                 f"checkpoints {os.path.abspath(cfg.checkpoint.dir)}"
             )
             self.metrics.close()
 
-    def _input_images(self, prompts: list[EncodedPrompt]) -> list[InputImages]:
+    def _log_metrics(self, metrics: dict[str, float], prompts: Sequence[EncodedPrompt] = ()) -> None:
+        """Rank 0 logs the step's averaged ``metrics`` (with its input images when a tracker wants them)."""
+        if self.metrics is not None:
+            images = self._input_images(prompts) if self.metrics.wants_images(self.step) else []
+            self.metrics.log(self.step, metrics, images)
+
+    def _input_images(self, prompts: Sequence[EncodedPrompt]) -> list[InputImages]:
         """The first ``logging.wandb.image_prompts`` prompts' images at this step, original and masked."""
         chosen = prompts[: self.cfg.logging.wandb.image_prompts]
         return [images for p in chosen if (images := self.prompts.input_images(p, self.step)) is not None]

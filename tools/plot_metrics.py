@@ -8,8 +8,9 @@ Several files overlay their curves (labelled by their run directory), e.g. GRPO 
 from __future__ import annotations
 
 import argparse
-import json
 import os
+
+from megatron_papo.training.metrics import read_metrics
 
 PANELS = (
     ("reward/mean", "reward"),
@@ -19,21 +20,6 @@ PANELS = (
     ("papo/masked_entropy_sample", "entropy -mean(lp) (masked image)"),
     ("actor/pg_clipfrac_high", "high-side clip fraction"),
 )
-
-
-def read_metrics(path: str) -> list[dict[str, float]]:
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise SystemExit(f"{path}:{number}: not a JSON line ({e})") from e
-    if not rows:
-        raise SystemExit(f"{path}: no metrics rows")
-    return rows
 
 
 def plot(paths: list[str], out: str) -> str:
@@ -67,7 +53,10 @@ def main() -> None:
     parser.add_argument("-o", "--output", help="PNG path (default: beside the first file)")
     args = parser.parse_args()
     out = args.output or os.path.join(os.path.dirname(os.path.abspath(args.metrics[0])), "metrics.png")
-    print(f"wrote {plot(args.metrics, out)}")
+    try:
+        print(f"wrote {plot(args.metrics, out)}")
+    except ValueError as e:  # a bad metrics file: its path and line, no traceback
+        raise SystemExit(str(e)) from e
 
 
 if __name__ == "__main__":

@@ -40,10 +40,11 @@ from megatron_papo.data.config import SyntheticConfig
 from megatron_papo.data.synthetic import SUBSET_TAGS, write_synthetic
 from megatron_papo.models.tiny import TinyQwen25VLSpec, make_tiny_qwen25vl
 from megatron_papo.training.hacking import HackingDetector, HackingDetectorConfig
+from megatron_papo.training.metrics import read_metrics
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "..", "tools"))
-from plot_metrics import plot, read_metrics  # noqa: E402
+from plot_metrics import plot  # noqa: E402
 
 EVAL_SEED = 1234  # the same sampling seed and masks for every evaluation
 HACKING_RUN = "hacking_papo_g"
@@ -210,11 +211,16 @@ class Study:
         if run != HACKING_RUN:
             self.evaluate(run, self.path("rl", run, "checkpoints"))
 
-    def run(self) -> None:
-        self.log(f"study in {self.out}: methods {self.size.methods}, seeds {self.size.seeds}")
+    def warm_start(self) -> str:
+        """Data, the random model and its SFT warm start; returns the SFT's HF directory."""
         self.make_data()
         self.make_model()
         self.sft()
+        return self.path("sft", "hf")
+
+    def run(self) -> None:
+        self.log(f"study in {self.out}: methods {self.size.methods}, seeds {self.size.seeds}")
+        self.warm_start()
         self.parallel = self.size.jobs
         with ThreadPoolExecutor(self.size.jobs) as pool:
             futures = [pool.submit(self.evaluate, "sft", None)] + [pool.submit(self.rl, r) for r in self.runs]
@@ -512,12 +518,17 @@ def main() -> None:
     parser.add_argument("--out", help="study directory (default: runs/synthetic_shapes/SIZE)")
     parser.add_argument("--no-hacking-demo", action="store_true", help="skip the large-gamma PAPO-G run")
     parser.add_argument("--publish", help="copy summary.json and the plots there too, e.g. docs/results")
+    parser.add_argument("--sft-only", action="store_true", help="stop after the SFT warm start (OUT/sft/hf)")
     parser.add_argument("overrides", nargs="*", help="size overrides, e.g. seeds=[1,2,3] rl.trainer.steps=20")
     args = parser.parse_args()
     size = load_config(StudySize, os.path.join(HERE, f"{args.size}.yaml"), args.overrides)
     out = args.out or os.path.join("runs", "synthetic_shapes", args.size)
     start = time.monotonic()
-    Study(size, out, hacking_demo=not args.no_hacking_demo, publish=args.publish).run()
+    study = Study(size, out, hacking_demo=not args.no_hacking_demo, publish=args.publish)
+    if args.sft_only:
+        study.log(f"SFT warm start: {study.warm_start()}")
+    else:
+        study.run()
     print(f"study wall time: {time.monotonic() - start:.0f}s")
 
 

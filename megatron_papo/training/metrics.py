@@ -30,6 +30,22 @@ CONSOLE_METRICS = {
 }
 
 
+def read_metrics(path: str) -> list[dict[str, float]]:
+    """The rows of a ``metrics.jsonl``; a line that is not JSON, or no rows, raise naming the file."""
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{number}: not a JSON line ({e})") from e
+    if not rows:
+        raise ValueError(f"{path}: no metrics rows")
+    return rows
+
+
 def _fmt_duration(seconds: float) -> str:
     seconds = int(seconds)
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"

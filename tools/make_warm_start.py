@@ -1,0 +1,64 @@
+"""Build the README main job's warm start: the synthetic-shapes study's SFT checkpoint, in bf16.
+
+    python tools/make_warm_start.py                 # -> examples/warm_start (about 6 MB; minutes on 2 cores)
+
+Runs ``examples/synthetic_shapes/run_study.py --size cpu_prior_trap --sft-only`` (the study's data, its
+2.8M-parameter random Qwen2.5-VL-shaped model and 100 steps of ``megatron-papo sft``) in ``--work``, then
+writes the SFT's HF directory to ``--out`` with its weights cast to bfloat16 (half the bytes; the trainer
+reads them back into float32 exactly). The study directory is reused when it already holds the SFT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+
+import torch
+from safetensors.torch import load_file, save_file
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STUDY = os.path.join(ROOT, "examples", "synthetic_shapes", "run_study.py")
+WEIGHTS = "model.safetensors"
+
+
+def copy_as_bf16(src: str, out: str) -> None:
+    """The HF directory ``src`` to ``out`` with floating-point weights in bfloat16; ``out`` appears whole
+    (written beside it, then renamed) and an existing ``out`` is replaced only then."""
+    parent = os.path.dirname(os.path.abspath(out))
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=".warm_start.", dir=parent)
+    os.chmod(staging, 0o755)  # mkdtemp makes it private
+    for name in os.listdir(src):
+        if name != WEIGHTS:
+            shutil.copy(os.path.join(src, name), staging)
+    tensors = load_file(os.path.join(src, WEIGHTS))
+    save_file(
+        {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in tensors.items()},
+        os.path.join(staging, WEIGHTS),
+        metadata={"format": "pt"},
+    )
+    if os.path.exists(out):
+        shutil.rmtree(out)
+    os.rename(staging, out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--out", default=os.path.join(ROOT, "examples", "warm_start"))
+    parser.add_argument("--work", default=os.path.join("runs", "warm_start"), help="the study directory")
+    args = parser.parse_args()
+    cmd = [sys.executable, STUDY, "--size", "cpu_prior_trap", "--out", args.work, "--sft-only"]
+    print("+ " + " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True)
+    copy_as_bf16(os.path.join(args.work, "sft", "hf"), args.out)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
