@@ -20,9 +20,11 @@ import tempfile
 import torch
 from safetensors.torch import load_file, save_file
 
+from megatron_papo.models.hf_directory import copy_non_weight_files
+from megatron_papo.models.weights import SINGLE
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STUDY = os.path.join(ROOT, "examples", "synthetic_shapes", "run_study.py")
-WEIGHTS = "model.safetensors"
 
 
 def copy_as_bf16(src: str, out: str) -> None:
@@ -32,13 +34,11 @@ def copy_as_bf16(src: str, out: str) -> None:
     os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=".warm_start.", dir=parent)
     os.chmod(staging, 0o755)  # mkdtemp makes it private
-    for name in os.listdir(src):
-        if name != WEIGHTS:
-            shutil.copy(os.path.join(src, name), staging)
-    tensors = load_file(os.path.join(src, WEIGHTS))
+    copy_non_weight_files(src, staging)
+    tensors = load_file(os.path.join(src, SINGLE))
     save_file(
         {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in tensors.items()},
-        os.path.join(staging, WEIGHTS),
+        os.path.join(staging, SINGLE),
         metadata={"format": "pt"},
     )
     if os.path.exists(out):

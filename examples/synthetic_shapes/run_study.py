@@ -223,8 +223,11 @@ class Study:
         self.log(f"study in {self.out}: methods {self.size.methods}, seeds {self.size.seeds}")
         self.warm_start()
         self.parallel = self.size.jobs
+        # longest first and the short SFT evaluation last, so no slot idles at the end: a size lists its
+        # methods from the cheapest (GRPO) to the dearest (PAPO-D: an extra pass and dynamic-sampling tries)
         with ThreadPoolExecutor(self.size.jobs) as pool:
-            futures = [pool.submit(self.evaluate, "sft", None)] + [pool.submit(self.rl, r) for r in self.runs]
+            futures = [pool.submit(self.rl, r) for r in reversed(self.runs)]
+            futures.append(pool.submit(self.evaluate, "sft", None))
             for future in futures:
                 future.result()
         report = Report(self)

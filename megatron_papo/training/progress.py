@@ -33,7 +33,9 @@ class Change:
     def ratio(self) -> float:
         """The change in units of its noise (inf when the noise is 0 and the change is not)."""
         delta = self.last - self.first
-        return delta / self.noise if self.noise > 0 else math.copysign(math.inf, delta) if delta else 0.0
+        if self.noise > 0:
+            return delta / self.noise
+        return math.copysign(math.inf, delta) if delta else 0.0
 
     def line(self) -> str:
         return (
