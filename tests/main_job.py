@@ -1,27 +1,32 @@
 """The main job through the real CLI under torchrun, for the end-to-end tests (tiny model: the
-``tiny_model`` fixture in conftest.py)."""
+``tiny_model`` fixture in conftest.py).
+
+``train`` is one launch of one run. ``train_in_one_launch`` runs several one after the other in one launch
+(this file is then torchrun's worker script, ``_run_all``): each through ``megatron_papo.cli.main`` as in
+its own launch, with its own console output and exit status, for one start-up instead of one each (a
+process spends ~15 s importing torch, megatron-core and transformers).
+"""
+
+from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
+import traceback
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "examples", "configs", "tiny_cpu.yaml")
 
+Result = tuple[list[dict], subprocess.CompletedProcess]
 
-def train(tmp_path, name, model, procs=1, *overrides, check=True):
-    """``megatron-papo train`` on ``procs`` processes, tiny sizes plus ``overrides``, into ``tmp_path/name``:
-    its ``metrics.jsonl`` rows and the finished process (``check``: a failure raises with its output)."""
-    out = tmp_path / name
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        f"--nproc_per_node={procs}",
-        "--standalone",
-        "-m",
-        "megatron_papo.cli",
+
+def _train_args(out: Path, model: str, overrides: Sequence[str]) -> list[str]:
+    """``megatron-papo train``'s arguments: tiny sizes plus ``overrides``, into ``out``."""
+    return [
         "train",
         "--config",
         CONFIG,
@@ -42,11 +47,116 @@ def train(tmp_path, name, model, procs=1, *overrides, check=True):
         "logging.tensorboard=false",
         *overrides,
     ]
+
+
+def _torchrun(procs: int, *args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={procs}", "--standalone", *args]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+
+
+def _failed(result: subprocess.CompletedProcess) -> AssertionError:
+    return AssertionError(
+        f"{' '.join(result.args)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+    )
+
+
+def _rows(out: Path) -> list[dict]:
+    if not (out / "metrics.jsonl").exists():
+        return []
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def train(
+    tmp_path: Path, name: str, model: str, procs: int = 1, *overrides: str, check: bool = True
+) -> Result:
+    """``megatron-papo train`` on ``procs`` processes, tiny sizes plus ``overrides``, into ``tmp_path/name``:
+    its ``metrics.jsonl`` rows and the finished process (``check``: a failure raises with its output)."""
+    out = tmp_path / name
+    result = _torchrun(procs, "-m", "megatron_papo.cli", *_train_args(out, model, overrides))
     if check and result.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
-    rows = []
-    if (out / "metrics.jsonl").exists():
-        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return rows, result
+        raise _failed(result)
+    return _rows(out), result
+
+
+def train_in_one_launch(
+    tmp_path: Path, model: str, runs: Mapping[str, Sequence[str]], procs: int = 1
+) -> dict[str, Result]:
+    """``train(tmp_path, name, model, procs, *overrides, check=False)`` for each ``name: overrides`` of
+    ``runs``, one after the other in one torchrun launch (``_run_all``). Each run's result holds its exit
+    status and its console output (every rank's, as torchrun's would), its ``args`` the CLI's arguments.
+    A run that fails must fail on every rank (a configuration error): the others would wait for it."""
+    console = tmp_path / "console"
+    console.mkdir()
+    spec = {name: _train_args(tmp_path / name, model, overrides) for name, overrides in runs.items()}
+    (console / "runs.json").write_text(json.dumps(spec))
+    launch = _torchrun(procs, os.path.abspath(__file__), str(console))
+    if launch.returncode != 0:
+        raise _failed(launch)
+    results = {}
+    for name, args in spec.items():
+        ranks = [json.loads((console / f"{name}.rank{r}.json").read_text()) for r in range(procs)]
+        status = next((r["returncode"] for r in ranks if r["returncode"]), 0)
+        out, err = ("".join(r[stream] for r in ranks) for stream in ("stdout", "stderr"))
+        results[name] = _rows(tmp_path / name), subprocess.CompletedProcess(args, status, out, err)
+    return results
+
+
+def _run_one(args: list[str], scratch: str) -> dict:
+    """``megatron_papo.cli.main(args)`` on this process as the interpreter would run it alone: its exit
+    status (``sys.exit(message)``: 1, the message on stderr; an uncaught exception: 1, its traceback) and
+    what it wrote to stdout and stderr (through ``scratch/1`` and ``scratch/2``). Afterwards megatron-core's
+    groups are destroyed (the default process group stays for the next run: torchrun's store would not
+    host a second one) and the log handlers the run added are removed."""
+    from megatron.core import parallel_state
+
+    from megatron_papo import cli
+
+    loggers = (logging.getLogger(), logging.getLogger("megatron_papo"))
+    handlers = [list(logger.handlers) for logger in loggers]
+    streams = {1: sys.stdout, 2: sys.stderr}
+    saved = {fd: os.dup(fd) for fd in streams}
+    for fd, stream in streams.items():
+        stream.flush()
+        with open(os.path.join(scratch, str(fd)), "wb") as f:
+            os.dup2(f.fileno(), fd)
+    try:
+        cli.main(args)
+        status = 0
+    except SystemExit as e:
+        status = e.code if isinstance(e.code, int) else int(e.code is not None)
+        if e.code is not None and not isinstance(e.code, int):
+            print(e.code, file=sys.stderr)
+    except Exception:
+        traceback.print_exc()
+        status = 1
+    finally:
+        for fd, stream in streams.items():
+            stream.flush()
+            os.dup2(saved[fd], fd)
+            os.close(saved[fd])
+        parallel_state.destroy_model_parallel()
+        for logger, kept in zip(loggers, handlers, strict=True):
+            for handler in [h for h in logger.handlers if h not in kept]:
+                logger.removeHandler(handler)
+                handler.close()
+    output = {
+        name: Path(scratch, str(fd)).read_text(errors="replace")
+        for fd, name in ((1, "stdout"), (2, "stderr"))
+    }
+    return {"returncode": status, **output}
+
+
+def _run_all(console: str) -> None:
+    """torchrun's worker for ``train_in_one_launch``: each run of ``console/runs.json``, its result into
+    ``console/NAME.rank<RANK>.json``."""
+    runs = json.loads(Path(console, "runs.json").read_text())
+    rank = os.environ["RANK"]
+    scratch = os.path.join(console, f"rank{rank}")
+    os.makedirs(scratch)
+    for name, args in runs.items():
+        Path(console, f"{name}.rank{rank}.json").write_text(json.dumps(_run_one(args, scratch)))
+
+
+if __name__ == "__main__":
+    _run_all(sys.argv[1])
