@@ -49,10 +49,10 @@ def _train_args(out: Path, model: str, overrides: Sequence[str]) -> list[str]:
     ]
 
 
-def _torchrun(procs: int, *args: str) -> subprocess.CompletedProcess:
+def _torchrun(procs: int, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={procs}", "--standalone", *args]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
 
 
 def _failed(result: subprocess.CompletedProcess) -> AssertionError:
@@ -91,7 +91,7 @@ def train_in_one_launch(
     console.mkdir()
     spec = {name: _train_args(tmp_path / name, model, overrides) for name, overrides in runs.items()}
     (console / "runs.json").write_text(json.dumps(spec))
-    launch = _torchrun(procs, os.path.abspath(__file__), str(console))
+    launch = _torchrun(procs, os.path.abspath(__file__), str(console), timeout=900)
     if launch.returncode != 0:
         raise _failed(launch)
     results = {}
