@@ -26,11 +26,6 @@ def close(a, b, keys, rtol):
         assert abs(a[k] - b[k]) <= rtol * max(abs(a[k]), abs(b[k]), 1e-6), (k, a[k], b[k])
 
 
-def _override(result, key: str) -> str:
-    """The value the run was given for ``key``."""
-    return next(arg.split("=", 1)[1] for arg in result.args if arg.startswith(f"{key}="))
-
-
 BAD_INPUTS = [  # overrides, what the run must fail with
     (("trainer.stepz=3",), "unknown config key(s) ['trainer.stepz']"),
     (("parallel.tensor_model_parallel_size=2",), "world size 1 is not divisible by TP x PP = 2 x 1"),
@@ -109,26 +104,13 @@ def reference_run(one_process):
     return one_process["tp1"][0]
 
 
-@pytest.fixture(scope="module")
-def four_processes(tmp_path_factory, tiny_model):
-    """The runs on 4 processes, one after the other in one launch: TP=2 x PP=2, then TP=2 x DP=2."""
-    runs = {
-        "tp2xpp2": ("parallel.tensor_model_parallel_size=2", "parallel.pipeline_model_parallel_size=2"),
-        "dp": (
-            "parallel.tensor_model_parallel_size=2",
-            "trainer.rollout_batch_size=4",
-            "trainer.update_batch_size=4",
-        ),
-    }
-    return train_in_one_launch(tmp_path_factory.mktemp("four_processes"), tiny_model, runs, procs=4)
-
-
 @pytest.mark.parametrize("layout", ["tp2", "tp2xpp2"])
-def test_layouts_give_the_same_metrics(request, reference_run, layout):
+def test_layouts_give_the_same_metrics(request, tmp_path, tiny_model, reference_run, layout):
     if layout == "tp2":
         rows = request.getfixturevalue("tp2_run")
     else:
-        rows = request.getfixturevalue("four_processes")["tp2xpp2"][0]
+        pp2 = ("parallel.tensor_model_parallel_size=2", "parallel.pipeline_model_parallel_size=2")
+        rows, _ = train(tmp_path, "run", tiny_model, 4, *pp2)
     assert [r["step"] for r in rows] == [1, 2, 3]
     for r in rows:
         assert all(abs(r[k]) < float("inf") for k in LOSS_KEYS)
@@ -140,11 +122,18 @@ def test_layouts_give_the_same_metrics(request, reference_run, layout):
     assert reference_run[2]["papo/kl_prc"] != reference_run[0]["papo/kl_prc"]  # the policy moves
 
 
-def test_data_parallel_run(four_processes):
-    rows, result = four_processes["dp"]
-    ckpt = Path(_override(result, "checkpoint.dir"))
+def test_data_parallel_run(tmp_path, tiny_model):
+    rows, result = train(
+        tmp_path,
+        "dp",
+        tiny_model,
+        4,
+        "parallel.tensor_model_parallel_size=2",
+        "trainer.rollout_batch_size=4",
+        "trainer.update_batch_size=4",
+    )
     assert [r["step"] for r in rows] == [1, 2, 3] and all(r["actor/grad_norm"] > 0 for r in rows)
-    assert "saved checkpoint" in result.stdout and (ckpt / "latest").read_text() == "3"
+    assert "saved checkpoint" in result.stdout and (tmp_path / "dp" / "ckpt" / "latest").read_text() == "3"
 
 
 def test_stop_and_resume_continues_the_run(tp2_run, stopped_and_resumed):
@@ -167,6 +156,11 @@ def test_bad_input_fails_clearly(one_process, index, message):
     _, result = one_process[f"bad_input{index}"]
     assert result.returncode != 0
     assert message in result.stdout + result.stderr
+
+
+def _override(result, key: str) -> str:
+    """The value the run was given for ``key``."""
+    return next(arg.split("=", 1)[1] for arg in result.args if arg.startswith(f"{key}="))
 
 
 def test_empty_data_set_fails_before_the_model_is_built(one_process):
