@@ -1,10 +1,10 @@
 """The main job through the real CLI under torchrun, for the end-to-end tests (tiny model: the
 ``tiny_model`` fixture in conftest.py).
 
-``train`` is one launch of one run. ``train_in_one_launch`` runs several one after the other in one launch
-(this file is then torchrun's worker script, ``_run_all``): each through ``megatron_papo.cli.main`` as in
-its own launch, with its own console output and exit status, for one start-up instead of one each (a
-process spends ~15 s importing torch, megatron-core and transformers).
+``train`` is one launch of one run. ``train_in_one_launch`` runs several single-process runs one after the
+other in one launch (this file is then torchrun's worker script, ``_run_all``): each through
+``megatron_papo.cli.main`` as in its own launch, with its own console output and exit status, for one
+start-up instead of one each (a process spends ~15 s importing torch, megatron-core and transformers).
 """
 
 from __future__ import annotations
@@ -79,26 +79,25 @@ def train(
     return _rows(out), result
 
 
-def train_in_one_launch(
-    tmp_path: Path, model: str, runs: Mapping[str, Sequence[str]], procs: int = 1
-) -> dict[str, Result]:
-    """``train(tmp_path, name, model, procs, *overrides, check=False)`` for each ``name: overrides`` of
-    ``runs``, one after the other in one torchrun launch (``_run_all``). Each run's result holds its exit
-    status and its console output (every rank's, as torchrun's would), its ``args`` the CLI's arguments.
-    A run that fails must fail on every rank (a configuration error): the others would wait for it."""
+def train_in_one_launch(tmp_path: Path, model: str, runs: Mapping[str, Sequence[str]]) -> dict[str, Result]:
+    """``train(tmp_path, name, model, 1, *overrides, check=False)`` for each ``name: overrides`` of ``runs``,
+    one after the other in one single-process torchrun launch (``_run_all``). Each run's result holds its
+    exit status and its console output, its ``args`` the CLI's arguments. One process only: megatron-core
+    keeps layout state beyond ``destroy_model_parallel`` (a 4-process TP=2 x PP=2 run followed by a
+    TP=2 x DP=2 one in one launch failed the second's checkpoint), and a failed rank would leave the
+    others waiting."""
     console = tmp_path / "console"
     console.mkdir()
     spec = {name: _train_args(tmp_path / name, model, overrides) for name, overrides in runs.items()}
     (console / "runs.json").write_text(json.dumps(spec))
-    launch = _torchrun(procs, os.path.abspath(__file__), str(console), timeout=900)
+    launch = _torchrun(1, os.path.abspath(__file__), str(console), timeout=900)
     if launch.returncode != 0:
         raise _failed(launch)
     results = {}
     for name, args in spec.items():
-        ranks = [json.loads((console / f"{name}.rank{r}.json").read_text()) for r in range(procs)]
-        status = next((r["returncode"] for r in ranks if r["returncode"]), 0)
-        out, err = ("".join(r[stream] for r in ranks) for stream in ("stdout", "stderr"))
-        results[name] = _rows(tmp_path / name), subprocess.CompletedProcess(args, status, out, err)
+        run = json.loads((console / f"{name}.json").read_text())
+        finished = subprocess.CompletedProcess(args, run["returncode"], run["stdout"], run["stderr"])
+        results[name] = _rows(tmp_path / name), finished
     return results
 
 
@@ -149,13 +148,10 @@ def _run_one(args: list[str], scratch: str) -> dict:
 
 def _run_all(console: str) -> None:
     """torchrun's worker for ``train_in_one_launch``: each run of ``console/runs.json``, its result into
-    ``console/NAME.rank<RANK>.json``."""
+    ``console/NAME.json``."""
     runs = json.loads(Path(console, "runs.json").read_text())
-    rank = os.environ["RANK"]
-    scratch = os.path.join(console, f"rank{rank}")
-    os.makedirs(scratch)
     for name, args in runs.items():
-        Path(console, f"{name}.rank{rank}.json").write_text(json.dumps(_run_one(args, scratch)))
+        Path(console, f"{name}.json").write_text(json.dumps(_run_one(args, console)))
 
 
 if __name__ == "__main__":
