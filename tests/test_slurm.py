@@ -2,8 +2,8 @@
 
 ``tools/slurm_local.sh up`` installs (apt) and starts munge, slurmctld and slurmd. Each of the job's tasks
 runs the real trainer (``python -m megatron_papo.cli train``, ranks from the SLURM variables) for one PAPO-G
-step of a tiny random Qwen2.5-VL (the session's ``tiny_model``, conftest.py): rollout, log-probs and one
-update through megatron-core's pipeline schedule, then a checkpoint. Which rank each SLURM variable makes is
+step of a tiny random Qwen2.5-VL (``tools/make_tiny_model.py``): rollout, log-probs and one update
+through megatron-core's pipeline schedule, then a checkpoint. Which rank each SLURM variable makes is
 ``tests/test_launch_env.py``'s; here the 4 ranks must find each other and train.
 """
 
@@ -43,8 +43,10 @@ def slurm():
 
 
 @pytest.mark.slurm
-def test_tiny_sbatch_trains_tp2_pp2(slurm, tiny_model, tmp_path):
-    model, out_dir, log = tiny_model, tmp_path / "run", tmp_path / "job.out"
+def test_tiny_sbatch_trains_tp2_pp2(slurm, tmp_path):
+    model, out_dir, log = tmp_path / "model", tmp_path / "run", tmp_path / "job.out"
+    make = [sys.executable, "tools/make_tiny_model.py", str(model)]
+    subprocess.run(make, cwd=ROOT, check=True, capture_output=True, timeout=300)
     env = slurm | {"PAPO_ENTRY": f"{sys.executable} -m megatron_papo.cli"}  # this checkout's trainer
     cmd = ["sbatch", "--parsable", "--wait", "--time=5", f"--output={log}", f"--chdir={ROOT}"]
     cmd += ["examples/slurm/tiny_cpu.sbatch", f"model.hf_path={model}", "trainer.steps=1"]

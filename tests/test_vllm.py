@@ -3,8 +3,7 @@
 Two servers (tools/launch_vllm.sh, float32, eager) serve a tiny random Qwen2.5-VL for the whole module:
 rollouts with images (original and masked as the trainer masks them), a 3-step training run whose weights
 are synced into a server after each update and which ends with an evaluation (original and masked images),
-a server killed mid-rollout, and last one killed mid-sync and restarted (a third server, booting while the
-tests before it run). Servers that never come up or answer garbage are plain local
+and last a server killed mid-rollout. Servers that never come up or answer garbage are plain local
 sockets and HTTP servers. Tests needing vLLM skip only when its venv (tools/setup_vllm_env.sh) is absent.
 """
 
@@ -47,11 +46,9 @@ def model(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="module")
-def vllm_processes(model, tmp_path_factory) -> list[VllmServerProcess]:
-    """The module's vLLM servers of ``model``: two up for the whole module, each on its own CPU core (the
-    first also takes broadcast weight sync, ``--weight-sync broadcast``; the second directory sync only),
-    and, started once those are up, a third (broadcast, on the second core) that boots while the tests
-    before its own run: the server test_broadcast_server_killed_mid_sync_rejoins_when_restarted kills."""
+def servers(model, tmp_path_factory):
+    """Two vLLM servers of ``model``, each on its own CPU core, up for the whole module: the first also
+    takes broadcast weight sync (``--weight-sync broadcast``), the second directory sync only."""
     logs = tmp_path_factory.mktemp("vllm_logs")
     procs = [
         VllmServerProcess(model, str(logs / f"server{i}.log"), core=i, weight_sync=sync)
@@ -61,17 +58,10 @@ def vllm_processes(model, tmp_path_factory) -> list[VllmServerProcess]:
         deadline = time.monotonic() + 600
         for proc in procs:
             proc.wait_up(deadline)
-        procs.append(VllmServerProcess(model, str(logs / "victim.log"), core=1, weight_sync="broadcast"))
         yield procs
     finally:
         for proc in procs:
             proc.stop()
-
-
-@pytest.fixture(scope="module")
-def servers(vllm_processes) -> list[VllmServerProcess]:
-    """The two servers up for the whole module."""
-    return vllm_processes[:2]
 
 
 def request(model: str, seed: int, size: int = 56) -> RolloutRequest:
@@ -376,13 +366,11 @@ def test_server_killed_mid_rollout_loses_nothing(model, servers, tmp_path):
 
 
 @requires_vllm
-def test_broadcast_server_killed_mid_sync_rejoins_when_restarted(
-    model, vllm_processes, servers, tmp_path, monkeypatch
-):
+def test_broadcast_server_killed_mid_sync_rejoins_when_restarted(model, servers, tmp_path, monkeypatch):
     """Broadcast sync into two servers, one SIGKILLed after its first bucket: the sync ends at once (no
     timeout), the other server holds every new weight, the victim is down. Restarted at its address, the
     victim rejoins at the next sync (a fresh group) and both hold those weights."""
-    victim = vllm_processes[2]  # booted while the tests before this one ran
+    victim = VllmServerProcess(model, str(tmp_path / "victim.log"), core=1, weight_sync="broadcast")
     try:
         victim.wait_up(time.monotonic() + 600)
         urls = [servers[0].url, victim.url]
