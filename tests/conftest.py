@@ -32,6 +32,14 @@ def slurm():
         subprocess.run(["bash", script, "down"], env=SLURM_ENV, capture_output=True, timeout=120)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def forkserver(tmp_path_factory) -> None:
+    """The fork server the multi-process tests fork their ranks from imports while the first tests run."""
+    from multiprocess import start_forkserver
+
+    start_forkserver(str(tmp_path_factory.mktemp("forkserver") / "log.txt"))
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):
     """A random tiny Qwen2.5-VL HF directory (the main job's model in the end-to-end tests)."""

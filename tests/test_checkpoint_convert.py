@@ -9,8 +9,10 @@ import sys
 
 import pytest
 import torch
+from multiprocess import START_METHOD
 from safetensors import safe_open
 
+from megatron_papo.models import conversion
 from megatron_papo.models.hf_directory import write_safetensors
 from megatron_papo.models.tiny import make_tiny_qwen25vl
 
@@ -21,6 +23,12 @@ from convert_checkpoint import main  # noqa: E402
 def _tensors(path: str) -> dict[str, torch.Tensor]:
     with safe_open(os.path.join(path, "model.safetensors"), "pt") as f:
         return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+
+
+@pytest.fixture(autouse=True)
+def forked_ranks(monkeypatch) -> None:
+    """The conversion's ranks start from the session's fork server (tests/multiprocess.py), not spawned."""
+    monkeypatch.setattr(conversion, "START_METHOD", START_METHOD)
 
 
 @pytest.fixture(scope="module")

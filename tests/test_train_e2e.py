@@ -1,10 +1,15 @@
-"""The main job end to end through the real CLI under torchrun: layouts, resume, GRPO equivalence, errors."""
+"""The main job end to end through the real CLI under torchrun: layouts, resume, GRPO equivalence, errors.
+
+The single-process runs (``single_process_runs``) share one launch (``one_process``); each test asserts on
+its own run.
+"""
 
 import math
 import tarfile
+from pathlib import Path
 
 import pytest
-from main_job import train, untimed
+from main_job import train, train_in_one_launch, untimed
 
 LOSS_KEYS = (
     "papo/kl_prc",
@@ -21,9 +26,82 @@ def close(a, b, keys, rtol):
         assert abs(a[k] - b[k]) <= rtol * max(abs(a[k]), abs(b[k]), 1e-6), (k, a[k], b[k])
 
 
+BAD_INPUTS = [  # overrides, what the run must fail with
+    (("trainer.stepz=3",), "unknown config key(s) ['trainer.stepz']"),
+    (("parallel.tensor_model_parallel_size=2",), "world size 1 is not divisible by TP x PP = 2 x 1"),
+    (("model.hf_path=/nonexistent/model",), "model.hf_path /nonexistent/model: no such directory"),
+    (
+        ("optimizer.lr=1e30", "trainer.max_bad_steps=1", "trainer.steps=3"),
+        "consecutive steps with a non-finite",
+    ),
+]
+OBJECTIVES = [
+    ("algorithm.name=dapo", "algorithm.objective=vppo", "algorithm.global_token_mean=true"),
+    ("algorithm.name=papo_g", "algorithm.objective=papo_vppo", "algorithm.masked_grad=true"),
+]
+
+
+def _letter_e(tmp_path: Path) -> str:
+    """A reward the policy can reach: the share of the letter "e" in the response."""
+    reward = tmp_path / "reward_e.py"
+    reward.write_text(
+        "def letter_e(response, answer, answer_type):\n"
+        "    text = response.replace(' ', '')\n"
+        "    return {'score': text.count('e') / max(len(text), 1), 'accuracy': 0.0, 'format': 0.0}\n"
+    )
+    return f"reward.function={reward}:letter_e"
+
+
+def _coin_accuracy(tmp_path: Path) -> str:
+    """A reward whose accuracy a random policy earns half the time: the parity of the response's text."""
+    reward = tmp_path / "reward_parity.py"
+    reward.write_text(
+        "def parity(response, answer, answer_type):\n"
+        "    hit = float(sum(map(ord, response)) % 2)\n"
+        "    return {'score': hit, 'accuracy': hit, 'format': 0.0}\n"
+    )
+    return f"reward.function={reward}:parity"
+
+
+def _empty_shard(tmp_path: Path) -> Path:
+    empty = tmp_path / "empty.tar"
+    tarfile.open(empty, "w").close()
+    return empty
+
+
+def single_process_runs(tmp_path: Path) -> dict[str, tuple[str, ...]]:
+    """This module's runs on one process, by name (their files written into ``tmp_path``); the reference
+    run first, as if alone."""
+    coin = _coin_accuracy(tmp_path)
+    return {
+        "tp1": (),  # the reference of test_layouts_give_the_same_metrics
+        **{f"bad_input{i}": overrides for i, (overrides, _) in enumerate(BAD_INPUTS)},
+        "empty": (f"data.train_data={_empty_shard(tmp_path)}",),
+        "learn": (
+            _letter_e(tmp_path), "optimizer.lr=3e-3", "trainer.steps=10", "trainer.rollout_batch_size=4",
+            "trainer.update_batch_size=4", "trainer.micro_batch_size=8", "rollout.n=8",
+            "rollout.max_new_tokens=16", "rollout.embedded_batch_prompts=4",  # batched rollouts learn too
+        ),
+        "dry": ("algorithm.name=dapo", "algorithm.max_tries=2"),
+        "extras": (
+            coin, "algorithm.ref_kl_in_reward=true", "algorithm.ref_kl_controller=adaptive",
+            "algorithm.ref_kl_horizon=10", "algorithm.use_sft_loss=true", "algorithm.gamma_anneal=linear",
+            "algorithm.gamma_start=0.5", "algorithm.gamma_end=0.0", "trainer.steps=2",
+        ),
+        **{f"objective{i}": (coin, *overrides, "trainer.steps=1") for i, overrides in enumerate(OBJECTIVES)},
+    }  # fmt: skip
+
+
 @pytest.fixture(scope="module")
-def reference_run(tmp_path_factory, tiny_model):
-    return train(tmp_path_factory.mktemp("ref"), "tp1", tiny_model)[0]
+def one_process(tmp_path_factory, tiny_model):
+    """``single_process_runs``, one after the other in one launch: name -> (metrics rows, finished run)."""
+    tmp = tmp_path_factory.mktemp("one_process")
+    return train_in_one_launch(tmp, tiny_model, single_process_runs(tmp))
+
+
+@pytest.fixture(scope="module")
+def reference_run(one_process):
+    return one_process["tp1"][0]
 
 
 @pytest.mark.parametrize("layout", ["tp2", "tp2xpp2"])
@@ -70,61 +148,31 @@ def test_stop_and_resume_continues_the_run(tp2_run, stopped_and_resumed):
     assert untimed(resumed[2]) == untimed(tp2_run[2])
 
 
-@pytest.mark.parametrize(
-    "overrides, procs, message",
-    [
-        (("trainer.stepz=3",), 1, "unknown config key(s) ['trainer.stepz']"),
-        (("parallel.tensor_model_parallel_size=2",), 1, "world size 1 is not divisible by TP x PP = 2 x 1"),
-        (("model.hf_path=/nonexistent/model",), 1, "model.hf_path /nonexistent/model: no such directory"),
-        (
-            ("optimizer.lr=1e30", "trainer.max_bad_steps=1", "trainer.steps=3"),
-            1,
-            "consecutive steps with a non-finite",
-        ),
-    ],
-)
-def test_bad_input_fails_clearly(tmp_path, tiny_model, overrides, procs, message):
-    _, result = train(tmp_path, "bad", tiny_model, procs, *overrides, check=False)
+@pytest.mark.parametrize("index, message", [(i, message) for i, (_, message) in enumerate(BAD_INPUTS)])
+def test_bad_input_fails_clearly(one_process, index, message):
+    _, result = one_process[f"bad_input{index}"]
     assert result.returncode != 0
     assert message in result.stdout + result.stderr
 
 
-def test_empty_data_set_fails_before_the_model_is_built(tmp_path, tiny_model):
-    empty = tmp_path / "empty.tar"
-    tarfile.open(empty, "w").close()
-    _, result = train(tmp_path, "empty", tiny_model, 1, f"data.train_data={empty}", check=False)
+def _override(result, key: str) -> str:
+    """The value the run was given for ``key``."""
+    return next(arg.split("=", 1)[1] for arg in result.args if arg.startswith(f"{key}="))
+
+
+def test_empty_data_set_fails_before_the_model_is_built(one_process):
+    _, result = one_process["empty"]
+    empty, out = _override(result, "data.train_data"), Path(_override(result, "trainer.output_dir"))
     assert result.returncode != 0
     assert f"shard {empty} holds no samples" in result.stdout + result.stderr
-    assert "Setting up optimizer" not in (tmp_path / "empty" / "logs" / "rank0.log").read_text()
+    assert "Setting up optimizer" not in (out / "logs" / "rank0.log").read_text()
 
 
-def test_papo_raises_a_reward_the_policy_can_reach(tmp_path, tiny_model):
+def test_papo_raises_a_reward_the_policy_can_reach(one_process):
     """The sign and scale of the whole update: rewarding the letter "e" makes responses use more of it."""
-    reward = tmp_path / "reward_e.py"
-    reward.write_text(
-        "def letter_e(response, answer, answer_type):\n"
-        "    text = response.replace(' ', '')\n"
-        "    return {'score': text.count('e') / max(len(text), 1), 'accuracy': 0.0, 'format': 0.0}\n"
-    )
-    rows, _ = train(
-        tmp_path, "learn", tiny_model, 1, f"reward.function={reward}:letter_e", "optimizer.lr=3e-3",
-        "trainer.steps=10", "trainer.rollout_batch_size=4", "trainer.update_batch_size=4",
-        "trainer.micro_batch_size=8", "rollout.n=8", "rollout.max_new_tokens=16",
-        "rollout.embedded_batch_prompts=4",  # batched rollouts learn too
-    )  # fmt: skip
+    rows, _ = one_process["learn"]
     rewards = [r["reward/mean"] for r in rows]
     assert sum(rewards[-3:]) / 3 > 1.5 * sum(rewards[:3]) / 3, rewards
-
-
-def _coin_accuracy(tmp_path):
-    """A reward whose accuracy a random policy earns half the time: the parity of the response's text."""
-    reward = tmp_path / "reward_parity.py"
-    reward.write_text(
-        "def parity(response, answer, answer_type):\n"
-        "    hit = float(sum(map(ord, response)) % 2)\n"
-        "    return {'score': hit, 'accuracy': hit, 'format': 0.0}\n"
-    )
-    return f"reward.function={reward}:parity"
 
 
 def test_dapo_fills_the_batch_across_data_parallel_ranks_with_overlong_shaping(tmp_path, tiny_model):
@@ -143,26 +191,18 @@ def test_dapo_fills_the_batch_across_data_parallel_ranks_with_overlong_shaping(t
         assert 0 < r["reward/overlong_penalized"] <= 1 and r["reward/overlong_penalty"] < 0
 
 
-def test_dapo_that_cannot_fill_the_batch_fails_clearly(tmp_path, tiny_model):
+def test_dapo_that_cannot_fill_the_batch_fails_clearly(one_process):
     """A random policy earns no accuracy on the synthetic task: every group is dropped."""
-    _, result = train(
-        tmp_path, "dry", tiny_model, 1, "algorithm.name=dapo", "algorithm.max_tries=2", check=False
-    )
+    _, result = one_process["dry"]
     assert result.returncode != 0
     out = result.stdout + result.stderr
     assert "dynamic sampling: 2 tries" in out and "keep rate 0.0%" in out and "algorithm.max_tries" in out
 
 
-def test_reference_extras_kl_in_reward_sft_loss_and_annealing(tmp_path, tiny_model):
+def test_reference_extras_kl_in_reward_sft_loss_and_annealing(one_process):
     """ref_kl_in_reward (adaptive controller): no ref-KL loss term, the coefficient moves and is logged;
     use_sft_loss adds its term; the annealing factor of the first step is gamma_start."""
-    rows, _ = train(
-        tmp_path, "extras", tiny_model, 1, _coin_accuracy(tmp_path), "algorithm.ref_kl_in_reward=true",
-        "algorithm.ref_kl_controller=adaptive", "algorithm.ref_kl_horizon=10", "algorithm.use_sft_loss=true",
-        "algorithm.gamma_anneal=linear", "algorithm.gamma_start=0.5", "algorithm.gamma_end=0.0",
-        "trainer.steps=2",
-    )  # fmt: skip
-    first, second = rows
+    first, second = one_process["extras"][0]
     # step 1: the policy is the reference (KL 0), so the controller lowers the coefficient by the most it
     # may: 1 - 0.2 * (2 prompts x 2 responses) / horizon 10
     assert "actor/ref_kl" not in first and first["actor/reward_kl"] == 0 and second["actor/reward_kl"] > 0
@@ -174,19 +214,10 @@ def test_reference_extras_kl_in_reward_sft_loss_and_annealing(tmp_path, tiny_mod
     )
 
 
-@pytest.mark.parametrize(
-    "overrides",
-    [
-        ("algorithm.name=dapo", "algorithm.objective=vppo", "algorithm.global_token_mean=true"),
-        ("algorithm.name=papo_g", "algorithm.objective=papo_vppo", "algorithm.masked_grad=true"),
-    ],
-)
-def test_registered_objectives_run_in_the_main_job(tmp_path, tiny_model, overrides):
+@pytest.mark.parametrize("index, overrides", list(enumerate(OBJECTIVES)))
+def test_registered_objectives_run_in_the_main_job(one_process, index, overrides):
     """``algorithm.objective=NAME`` trains end to end and logs the objective's own metrics."""
-    rows, _ = train(
-        tmp_path, "objective", tiny_model, 1, _coin_accuracy(tmp_path), *overrides, "trainer.steps=1"
-    )
-    (row,) = rows
+    (row,) = one_process[f"objective{index}"][0]
     assert 0 < row["vppo/kept_fraction"] < 1 and row["vppo/dependency"] >= 0
     assert row["vppo/alpha_min"] <= 1 <= row["vppo/alpha_max"]
     assert row["actor/grad_norm"] > 0 and math.isfinite(row["actor/loss"])

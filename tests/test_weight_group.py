@@ -7,7 +7,7 @@ import time
 import pytest
 import torch
 import torch.multiprocessing as mp
-from multiprocess import free_port
+from multiprocess import START_METHOD, free_port
 
 from megatron_papo.rollout.weight_group import ALIGN, open_group, pack, unpack
 
@@ -72,7 +72,7 @@ def _member(rank: int, world_size: int, port: int, out_dir: str, die: bool) -> N
 def run_group(world_size: int, tmp_path, die: bool = False) -> list[dict]:
     ctx = mp.start_processes(
         _member, args=(world_size, free_port(), str(tmp_path), die), nprocs=world_size, join=False,
-        start_method="spawn",
+        start_method=START_METHOD,
     )  # fmt: skip
     deadline = time.monotonic() + 120
     while not ctx.join(timeout=5):  # raises a member's exception with its traceback

@@ -29,6 +29,8 @@ from megatron_papo.models.hf_directory import copy_non_weight_files, save_hf_dir
 from megatron_papo.models.weights import HFCheckpoint
 
 HF_FILES = "hf"  # the source's config / tokenizer / processor files inside a converted checkpoint
+# how the ranks of a conversion outside torchrun / srun start (the tests fork them from a fork server)
+START_METHOD = "spawn"
 
 
 def model_state(model) -> dict:
@@ -143,7 +145,10 @@ def _launch(tp: int, pp: int, fn: Callable, args: tuple) -> None:
     with tempfile.TemporaryDirectory() as errors:
         try:
             mp.start_processes(
-                _worker, args=(tp * pp, port, errors, tp, pp, fn, args), nprocs=tp * pp, start_method="spawn"
+                _worker,
+                args=(tp * pp, port, errors, tp, pp, fn, args),
+                nprocs=tp * pp,
+                start_method=START_METHOD,
             )
         except ProcessException as e:
             reports = []
