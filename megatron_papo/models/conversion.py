@@ -58,7 +58,7 @@ def _hf_to_mcore_rank(hf_dir: str, out_dir: str, dtype: str) -> None:
     import torch.distributed as dist
     from megatron.core import dist_checkpointing
 
-    from megatron_papo.models.qwen25vl import build_model
+    from megatron_papo.models.build import build_model
     from megatron_papo.models.weights import load_hf_weights
 
     model = build_model(ModelConfig(hf_path=hf_dir, dtype=dtype))
@@ -80,7 +80,7 @@ def _hf_to_mcore_rank(hf_dir: str, out_dir: str, dtype: str) -> None:
 def _mcore_to_hf_rank(ckpt_dir: str, hf_dir: str, out_dir: str, dtype: str) -> None:
     from megatron.core import dist_checkpointing
 
-    from megatron_papo.models.qwen25vl import build_model
+    from megatron_papo.models.build import build_model
 
     model = build_model(ModelConfig(hf_path=hf_dir, dtype=dtype))
     state = model_state(model)

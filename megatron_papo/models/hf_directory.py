@@ -51,7 +51,7 @@ def save_hf_directory(model, source_dir: str, out_dir: str, max_shard_bytes: int
     tensors = {}
     for name, tensor in export_hf_state_dict(model):
         if rank0 and not (tied and name == HEAD):
-            tensors[checkpoint_name(name)] = tensor
+            tensors[checkpoint_name(name, model.hf_config.model_type)] = tensor
     if rank0:
         out_dir = out_dir.rstrip("/")
         tmp = out_dir + ".tmp"

@@ -1,10 +1,11 @@
-"""HF Qwen2.5-VL weights <-> this rank's megatron-core shard: the one mapping used by the conversion tool,
-the embedded rollout engine and vLLM weight sync.
+"""HF Qwen2.5-VL / Qwen3-VL weights <-> this rank's megatron-core shard: the one mapping used by the
+conversion tool, the embedded rollout engine and vLLM weight sync.
 
-Names are those of transformers' in-memory model, ``Qwen2_5_VLForConditionalGeneration.state_dict()``:
-``model.language_model.*``, ``model.visual.*``, ``lm_head.weight`` (also for tied embeddings, where it is
-the embedding matrix). Checkpoint files use the older names (``model.layers.*``, ``visual.*``, no
-``lm_head`` when tied); ``checkpoint_name`` / ``module_name`` convert, and ``HFCheckpoint`` reads both.
+Names are those of transformers' in-memory model, ``Qwen2_5_VLForConditionalGeneration.state_dict()`` or
+``Qwen3VLForConditionalGeneration.state_dict()``: ``model.language_model.*``, ``model.visual.*``,
+``lm_head.weight`` (also for tied embeddings, where it is the embedding matrix). Qwen2.5-VL checkpoint files
+use the older names (``model.layers.*``, ``visual.*``), Qwen3-VL's the in-memory ones; neither holds
+``lm_head`` when tied. ``checkpoint_name`` / ``module_name`` convert, and ``HFCheckpoint`` reads both.
 
 Each LM parameter is described by the HF tensors it holds and how it is split over TP: ``replicated``,
 ``column`` (rows split), ``row`` (columns split), ``qkv`` (q/k/v fused per query group, megatron's
@@ -26,6 +27,7 @@ from megatron.core import parallel_state as ps
 from safetensors import safe_open
 
 from megatron_papo.models.buckets import buckets
+from megatron_papo.models.config import check_model_type
 from megatron_papo.models.vision import export_hf_vision_weights, load_hf_vision_weights
 from megatron_papo.parallel.gather import tp_gather
 
@@ -34,8 +36,10 @@ EMBED = f"{LM}embed_tokens.weight"
 INDEX, SINGLE = "model.safetensors.index.json", "model.safetensors"
 
 
-def checkpoint_name(name: str) -> str:
-    """A ``state_dict()`` name -> its name in Qwen2.5-VL checkpoint files."""
+def checkpoint_name(name: str, model_type: str = "qwen2_5_vl") -> str:
+    """A ``state_dict()`` name -> its name in the checkpoint files of ``model_type`` (the HF config's)."""
+    if model_type == "qwen3_vl":
+        return name
     if name.startswith(VISION):
         return "visual." + name[len(VISION) :]
     if name.startswith(LM):
@@ -59,10 +63,16 @@ class Entry:
 
 
 def _lm_layer(prefix: str, hf: str, names: set[str]) -> dict[str, Entry]:
-    """Entries of one LM layer, for both megatron-core layer specs (local norms or TE-fused norms)."""
+    """Entries of one LM layer, for both megatron-core layer specs (local norms or TE-fused norms), with QKV
+    biases (Qwen2.5-VL) or q/k norms (Qwen3-VL) where the layer has them."""
     fused_norms = f"{prefix}self_attention.linear_qkv.layer_norm_weight" in names
     attn, mlp = f"{hf}self_attn.", f"{hf}mlp."
-    return {
+    optional = {
+        f"{prefix}self_attention.linear_qkv.bias": Entry(tuple(f"{attn}{p}_proj.bias" for p in "qkv"), "qkv"),
+        f"{prefix}self_attention.q_layernorm.weight": Entry((f"{attn}q_norm.weight",), "replicated"),
+        f"{prefix}self_attention.k_layernorm.weight": Entry((f"{attn}k_norm.weight",), "replicated"),
+    }
+    return {name: entry for name, entry in optional.items() if name in names} | {
         (
             f"{prefix}self_attention.linear_qkv.layer_norm_weight"
             if fused_norms
@@ -71,7 +81,6 @@ def _lm_layer(prefix: str, hf: str, names: set[str]) -> dict[str, Entry]:
         f"{prefix}self_attention.linear_qkv.weight": Entry(
             tuple(f"{attn}{p}_proj.weight" for p in "qkv"), "qkv"
         ),
-        f"{prefix}self_attention.linear_qkv.bias": Entry(tuple(f"{attn}{p}_proj.bias" for p in "qkv"), "qkv"),
         f"{prefix}self_attention.linear_proj.weight": Entry((f"{attn}o_proj.weight",), "row"),
         (
             f"{prefix}mlp.linear_fc1.layer_norm_weight"
@@ -182,14 +191,13 @@ def _check_model_type(hf_dir: str) -> None:
     config = os.path.join(hf_dir, "config.json")
     if os.path.isfile(config):
         with open(config, encoding="utf-8") as f:
-            model_type = json.load(f).get("model_type")
-        if model_type != "qwen2_5_vl":
-            raise ValueError(f"{hf_dir} holds a {model_type!r} model, not qwen2_5_vl")
+            check_model_type(hf_dir, json.load(f).get("model_type"))
 
 
 @torch.no_grad()
 def load_hf_weights(model, hf_dir: str) -> None:
-    """Copy the HF weights in ``hf_dir`` into this rank's shard of ``model`` (a ``Qwen25VLModel`` stage).
+    """Copy the HF weights in ``hf_dir`` into this rank's shard of ``model`` (a ``Qwen25VLModel`` or
+    ``Qwen3VLModel`` stage).
 
     Raises ``ValueError`` for a directory of another model type or a tensor of the wrong shape,
     ``FileNotFoundError`` for missing weight files or shards, ``KeyError`` naming a missing tensor.

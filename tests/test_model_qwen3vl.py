@@ -1,0 +1,91 @@
+"""Qwen3VLModel on megatron-core vs transformers' own Qwen3-VL, in one 4-process spawn.
+
+The batch and the pipeline-schedule forward are test_model_qwen25vl's: two images of different sizes in
+one sample, a text-only sample and one with a larger image, right-padded. Layouts TP=2 x PP=2, TP=1,
+TP=2 (also with sequence parallelism) and PP=2 must give transformers' float32 eager logits on real
+tokens within 1e-4. The tiny model's two DeepStack maps feed LM layers 0 and 1, so at PP=2 the second map
+crosses the stage boundary (the test checks that it does); a batch without images runs at PP=2 too. At
+TP=2 x PP=2 the exported weights equal transformers' ``state_dict()`` bitwise, key for key.
+"""
+
+import pytest
+import torch
+from multiprocess import run_distributed
+from test_model_qwen25vl import TOLERANCE, _max_diff, _relayout, forward_logits, make_batch
+
+from megatron_papo.models.tiny import make_tiny_qwen3vl
+
+LAYOUTS = [(2, 2, False), (1, 1, False), (2, 1, False), (2, 1, True), (1, 2, False)]  # (TP, PP, SP)
+TEXT_ONLY = 1  # the sample of test_model_qwen25vl.SAMPLES without images
+
+
+def transformers_logits(model, batch: dict) -> torch.Tensor:
+    with torch.no_grad():
+        mm_token_type_ids = (batch["input_ids"] == model.config.image_token_id).long()
+        return model(**batch, mm_token_type_ids=mm_token_type_ids).logits
+
+
+def _run(hf_dir: str, batches: dict, references: dict) -> dict:
+    from megatron.core import parallel_state as ps
+
+    from megatron_papo.models import ModelConfig, build_model, export_hf_state_dict, load_hf_weights
+
+    out: dict = {"diff": {}}
+    for tp, pp, sp in LAYOUTS:
+        if (tp, pp) != (2, 2):  # the spawn starts at TP=2 x PP=2
+            _relayout(tp, pp)
+        model = build_model(ModelConfig(hf_path=hf_dir, attention="sdpa", sequence_parallel=sp))
+        load_hf_weights(model, hf_dir)
+        for name, batch in batches.items():
+            logits = forward_logits(model, batch)
+            out["diff"][(tp, pp, sp, name)] = _max_diff(logits, references[name], batch["attention_mask"])
+        if (tp, pp) == (2, 2):
+            out["export"] = dict(export_hf_state_dict(model, bucket_bytes=64 << 10))
+        if (tp, pp) == (1, 2):
+            out["deepstack_layers"] = [type(layer).__name__ for layer in model.language_model.decoder.layers]
+            out["stage"] = ps.get_pipeline_model_parallel_rank()
+            out["variable_shapes"] = model.config.variable_seq_lengths
+    return out
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory) -> tuple[list[dict], dict]:
+    """(each rank's results, transformers' state_dict) for the tiny Qwen3-VL."""
+    from transformers import Qwen3VLForConditionalGeneration
+
+    hf_dir = make_tiny_qwen3vl(str(tmp_path_factory.mktemp("qwen3vl") / "tiny"))
+    batch = make_batch(hf_dir)
+    text_only = {k: batch[k][TEXT_ONLY : TEXT_ONLY + 1] for k in ("input_ids", "attention_mask")}
+    batches = {"images": batch, "text": text_only | {"pixel_values": None, "image_grid_thw": None}}
+    model = Qwen3VLForConditionalGeneration.from_pretrained(
+        hf_dir, dtype=torch.float32, attn_implementation="eager"
+    ).eval()
+    references = {name: transformers_logits(model, b) for name, b in batches.items()}
+    state_dict = {k: v.clone() for k, v in model.state_dict().items()}
+    return run_distributed(_run, 4, hf_dir, batches, references, tp=2, pp=2), state_dict
+
+
+@pytest.mark.parametrize("batch", ["images", "text"])
+@pytest.mark.parametrize(
+    "layout", LAYOUTS, ids=lambda layout: "tp{}_pp{}{}".format(*layout[:2], "_sp" * layout[2])
+)
+def test_logits_match_transformers(results, layout, batch):
+    diffs = [r["diff"][(*layout, batch)] for r in results[0]]
+    measured = [d for d in diffs if d is not None]  # last-stage ranks
+    assert measured, diffs
+    print(f"{layout} {batch}: max |logit diff| {max(measured):.2e}")
+    assert max(measured) <= TOLERANCE
+
+
+def test_deepstack_crosses_the_pipeline_boundary(results):
+    ranks = results[0]
+    by_stage = {r["stage"]: r["deepstack_layers"] for r in ranks}
+    assert by_stage == {0: ["DeepStackLayer"], 1: ["DeepStackLayer"]}
+    assert all(r["variable_shapes"] for r in ranks)
+
+
+def test_export_is_transformers_state_dict_bitwise(results):
+    ranks, state_dict = results
+    for r in ranks:
+        assert list(r["export"]) != [] and set(r["export"]) == set(state_dict)
+        assert [k for k in state_dict if not torch.equal(r["export"][k], state_dict[k])] == []
