@@ -26,6 +26,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from megatron_papo.models.buckets import buckets, tensor_bytes
+from megatron_papo.models.config import load_hf_config
 from megatron_papo.models.hf_directory import copy_non_weight_files
 from megatron_papo.models.weights import HEAD, INDEX, checkpoint_name
 
@@ -53,9 +54,10 @@ def checkpoint_tensors(
     rank must finish the export's gathers.
     """
     expected = checkpoint_tensor_names(source_dir) | ({HEAD} if tied else set())
+    model_type = load_hf_config(source_dir).model_type
     seen: set[str] = set()
     for name, tensor in named_tensors:
-        file_name = checkpoint_name(name)
+        file_name = checkpoint_name(name, model_type)
         if file_name in seen:
             raise ValueError(f"weight sync: {name!r} was given twice")
         seen.add(file_name)
