@@ -9,15 +9,14 @@ import pytest
 import torch
 from test_checkpoint_convert import _tensors
 from test_checkpoint_convert import main as convert_main
-
-from megatron_papo.models.tiny import TinyQwen3VLSpec, make_tiny_qwen3vl
+from test_model_qwen3vl import jittered_tiny_qwen3vl
 
 
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory) -> tuple[str, str]:
     """(the tiny untied Qwen3-VL, its megatron checkpoint saved at TP=2 x PP=2)."""
     root = tmp_path_factory.mktemp("convert_qwen3vl")
-    tiny = make_tiny_qwen3vl(str(root / "tiny"), TinyQwen3VLSpec(tie_word_embeddings=False))
+    tiny = jittered_tiny_qwen3vl(str(root / "tiny"), tie_word_embeddings=False)
     convert_main(["hf-to-mcore", "--hf-dir", tiny, "--out", str(root / "ckpt"), "--tp", "2", "--pp", "2"])
     return tiny, str(root / "ckpt")
 

@@ -19,6 +19,23 @@ LAYOUTS = [(2, 2, False), (1, 1, False), (2, 1, False), (2, 1, True), (1, 2, Fal
 TEXT_ONLY = 1  # the sample of test_model_qwen25vl.SAMPLES without images
 
 
+def jittered_tiny_qwen3vl(out_dir: str, **spec) -> str:
+    """A tiny Qwen3-VL whose every tensor is distinct and nonzero: transformers initialises biases to 0 and
+    norms to 1, which would hide a mapping that swaps two of them."""
+    from transformers import Qwen3VLForConditionalGeneration
+
+    from megatron_papo.models.tiny import TinyQwen3VLSpec
+
+    make_tiny_qwen3vl(out_dir, TinyQwen3VLSpec(**spec))
+    model = Qwen3VLForConditionalGeneration.from_pretrained(out_dir, dtype=torch.float32)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=generator) * 0.02)
+    model.save_pretrained(out_dir)
+    return out_dir
+
+
 def transformers_logits(model, batch: dict) -> torch.Tensor:
     with torch.no_grad():
         mm_token_type_ids = (batch["input_ids"] == model.config.image_token_id).long()
@@ -53,7 +70,7 @@ def results(tmp_path_factory) -> tuple[list[dict], dict]:
     """(each rank's results, transformers' state_dict) for the tiny Qwen3-VL."""
     from transformers import Qwen3VLForConditionalGeneration
 
-    hf_dir = make_tiny_qwen3vl(str(tmp_path_factory.mktemp("qwen3vl") / "tiny"))
+    hf_dir = jittered_tiny_qwen3vl(str(tmp_path_factory.mktemp("qwen3vl") / "tiny"))
     batch = make_batch(hf_dir)
     text_only = {k: batch[k][TEXT_ONLY : TEXT_ONLY + 1] for k in ("input_ids", "attention_mask")}
     batches = {"images": batch, "text": text_only | {"pixel_values": None, "image_grid_thw": None}}
