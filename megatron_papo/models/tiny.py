@@ -147,17 +147,24 @@ def _text_config(spec: TinyQwen25VLSpec, tokenizer: PreTrainedTokenizerFast, the
     )
 
 
+def _vision_config(spec: TinyQwen25VLSpec) -> dict:
+    """The vision tower fields both architectures share."""
+    return dict(
+        depth=spec.vision_depth,
+        hidden_size=spec.vision_hidden_size,
+        intermediate_size=spec.vision_intermediate_size,
+        num_heads=spec.vision_heads,
+        out_hidden_size=spec.hidden_size,
+    )
+
+
 def tiny_qwen3vl_config(spec: TinyQwen3VLSpec, tokenizer: PreTrainedTokenizerFast) -> Qwen3VLConfig:
     text = _text_config(spec, tokenizer, theta=5_000_000.0)
     text["rope_parameters"]["mrope_interleaved"] = True
     return Qwen3VLConfig(
         text_config=text | dict(head_dim=spec.hidden_size // spec.num_heads),
-        vision_config=dict(
-            depth=spec.vision_depth,
-            hidden_size=spec.vision_hidden_size,
-            intermediate_size=spec.vision_intermediate_size,
-            num_heads=spec.vision_heads,
-            out_hidden_size=spec.hidden_size,
+        vision_config=_vision_config(spec)
+        | dict(
             num_position_embeddings=spec.num_position_embeddings,
             deepstack_visual_indexes=list(spec.deepstack_visual_indexes),
         ),
@@ -170,12 +177,8 @@ def tiny_config(spec: TinyQwen25VLSpec, tokenizer: PreTrainedTokenizerFast) -> Q
     return Qwen2_5_VLConfig(
         text_config=_text_config(spec, tokenizer, theta=10000.0)
         | dict(tie_word_embeddings=spec.tie_word_embeddings),
-        vision_config=dict(
-            depth=spec.vision_depth,
-            hidden_size=spec.vision_hidden_size,
-            intermediate_size=spec.vision_intermediate_size,
-            num_heads=spec.vision_heads,
-            out_hidden_size=spec.hidden_size,
+        vision_config=_vision_config(spec)
+        | dict(
             patch_size=14,
             spatial_merge_size=2,
             temporal_patch_size=2,
