@@ -3,10 +3,15 @@
 The batch and the pipeline-schedule forward are test_model_qwen25vl's: two images of different sizes in
 one sample, a text-only sample and one with a larger image, right-padded. Layouts TP=2 x PP=2, TP=1,
 TP=2 (also with sequence parallelism) and PP=2 must give transformers' float32 eager logits on real
-tokens within 1e-4. The tiny model's two DeepStack maps feed LM layers 0 and 1, so at PP=2 the second map
-crosses the stage boundary (the test checks that it does); a batch without images runs at PP=2 too. At
-TP=2 x PP=2 the exported weights equal transformers' ``state_dict()`` bitwise, key for key.
+tokens within 1e-4 (every weight jittered, so no bias or norm is left at 0 or 1). The tiny model's two
+DeepStack maps feed LM layers 0 and 1, so at PP=2 the second map crosses the stage boundary (the test
+checks that it does, and that the vision tower's gradients through it, a fixed random probe of the
+logits backpropagated through megatron-core's schedule, equal transformers'); a batch without images
+runs at every layout too. At TP=2 x PP=2 the exported weights equal transformers' ``state_dict()``
+bitwise, key for key.
 """
+
+from functools import partial
 
 import pytest
 import torch
@@ -37,12 +42,47 @@ def jittered_tiny_qwen3vl(out_dir: str, **spec) -> str:
 
 
 def transformers_logits(model, batch: dict) -> torch.Tensor:
+    mm_token_type_ids = (batch["input_ids"] == model.config.image_token_id).long()
+    return model(**batch, mm_token_type_ids=mm_token_type_ids).logits
+
+
+def _probe_step(probe: torch.Tensor, data_iterator, model):
+    data = next(data_iterator)
+    args = ("input_ids", "position_ids", "attention_mask", "pixel_values", "image_grid_thw")
+    return model(*(data[k] for k in args)), lambda logits: ((logits * probe).sum(), {})
+
+
+def vision_gradients(model, batch: dict, probe: torch.Tensor) -> dict[str, torch.Tensor] | None:
+    """d(sum(logits * probe)) / d(vision weights) through megatron-core's schedule (TP=1), by HF name, on
+    the first stage; None elsewhere."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from megatron_papo.models import mrope_position_ids
+    from megatron_papo.models.vision import export_hf_vision_weights
+
+    data = dict(batch)
+    data["position_ids"] = mrope_position_ids(
+        batch["input_ids"], batch["image_grid_thw"], batch["attention_mask"], model.hf_config
+    )
+    b, s = batch["input_ids"].shape
+    get_forward_backward_func()(
+        forward_step_func=partial(_probe_step, probe),
+        data_iterator=iter([data]),
+        model=[model],
+        num_microbatches=1,
+        seq_length=s,
+        micro_batch_size=b,
+        forward_only=False,
+    )
+    if model.vision is None:
+        return None
     with torch.no_grad():
-        mm_token_type_ids = (batch["input_ids"] == model.config.image_token_id).long()
-        return model(**batch, mm_token_type_ids=mm_token_type_ids).logits
+        for p in model.vision.parameters():
+            p.copy_(p.grad)
+    return dict(export_hf_vision_weights(model.vision, "model.visual."))
 
 
-def _run(hf_dir: str, batches: dict, references: dict) -> dict:
+def _run(hf_dir: str, batches: dict, references: dict, probe: torch.Tensor) -> dict:
     from megatron.core import parallel_state as ps
 
     from megatron_papo.models import ModelConfig, build_model, export_hf_state_dict, load_hf_weights
@@ -62,12 +102,14 @@ def _run(hf_dir: str, batches: dict, references: dict) -> dict:
             out["deepstack_layers"] = [type(layer).__name__ for layer in model.language_model.decoder.layers]
             out["stage"] = ps.get_pipeline_model_parallel_rank()
             out["variable_shapes"] = model.config.variable_seq_lengths
+            out["grads"] = vision_gradients(model, batches["images"], probe)
     return out
 
 
 @pytest.fixture(scope="module")
-def results(tmp_path_factory) -> tuple[list[dict], dict]:
-    """(each rank's results, transformers' state_dict) for the tiny Qwen3-VL."""
+def results(tmp_path_factory) -> tuple[list[dict], dict, dict]:
+    """(each rank's results, transformers' state_dict, its vision gradients of the probe) for the tiny
+    Qwen3-VL."""
     from transformers import Qwen3VLForConditionalGeneration
 
     hf_dir = jittered_tiny_qwen3vl(str(tmp_path_factory.mktemp("qwen3vl") / "tiny"))
@@ -77,9 +119,14 @@ def results(tmp_path_factory) -> tuple[list[dict], dict]:
     model = Qwen3VLForConditionalGeneration.from_pretrained(
         hf_dir, dtype=torch.float32, attn_implementation="eager"
     ).eval()
-    references = {name: transformers_logits(model, b) for name, b in batches.items()}
+    with torch.no_grad():
+        references = {name: transformers_logits(model, b) for name, b in batches.items()}
     state_dict = {k: v.clone() for k, v in model.state_dict().items()}
-    return run_distributed(_run, 4, hf_dir, batches, references, tp=2, pp=2), state_dict
+    probe = torch.randn(references["images"].shape, generator=torch.Generator().manual_seed(2))
+    probe *= batch["attention_mask"][..., None]  # real tokens only
+    (transformers_logits(model, batch) * probe).sum().backward()
+    grads = {f"model.visual.{k}": p.grad for k, p in model.model.visual.named_parameters()}
+    return run_distributed(_run, 4, hf_dir, batches, references, probe, tp=2, pp=2), state_dict, grads
 
 
 @pytest.mark.parametrize("batch", ["images", "text"])
@@ -95,14 +142,22 @@ def test_logits_match_transformers(results, layout, batch):
 
 
 def test_deepstack_crosses_the_pipeline_boundary(results):
-    ranks = results[0]
+    ranks, _, expected = results
     by_stage = {r["stage"]: r["deepstack_layers"] for r in ranks}
     assert by_stage == {0: ["DeepStackLayer"], 1: ["DeepStackLayer"]}
     assert all(r["variable_shapes"] for r in ranks)
+    # the second DeepStack merger feeds layer 1 on stage 1 only: its gradient crossed back over the boundary
+    assert expected["model.visual.deepstack_merger_list.1.linear_fc2.weight"].abs().max() > 0
+    scale = max(g.abs().max() for g in expected.values())
+    for grads in (r["grads"] for r in ranks if r["stage"] == 0):
+        assert grads.keys() == expected.keys()
+        diffs = {k: float((grads[k] - g).abs().max()) for k, g in expected.items()}
+        print(f"PP=2 vision gradients: max |diff| {max(diffs.values()):.2e} (max |g| {scale:.2e})")
+        assert max(diffs.values()) <= 1e-4 * scale, sorted(diffs.items(), key=lambda kv: -kv[1])[:3]
 
 
 def test_export_is_transformers_state_dict_bitwise(results):
-    ranks, state_dict = results
+    ranks, state_dict, _ = results
     for r in ranks:
         assert list(r["export"]) != [] and set(r["export"]) == set(state_dict)
         assert [k for k in state_dict if not torch.equal(r["export"][k], state_dict[k])] == []
