@@ -107,9 +107,6 @@ def language_config(cfg: ModelConfig, hf_config) -> TransformerConfig:
         add_bias_linear=False,
         add_qkv_bias=text.attention_bias if qwen3 else True,
         qk_layernorm=qwen3,
-        # DeepStack features ride along the hidden states until their layer: a stage boundary inside the
-        # DeepStack layers sends wider tensors, so the pipeline exchanges shapes first
-        variable_seq_lengths=pp > 1 and deepstack_layers(hf_config) > text.num_hidden_layers // pp,
         hidden_dropout=0.0,
         attention_dropout=0.0,
         tensor_model_parallel_size=tp,
@@ -125,4 +122,8 @@ def language_config(cfg: ModelConfig, hf_config) -> TransformerConfig:
         recompute_num_layers=1 if cfg.recompute else None,
     )
     config.mrope_section = list(rope["mrope_section"])
+    # DeepStack features ride along the hidden states until their layer: a stage boundary inside the
+    # DeepStack layers sends wider tensors, so the pipeline exchanges shapes first (set after __post_init__,
+    # which refuses the flag with its default MoE token dispatcher, though there are no experts)
+    config.variable_seq_lengths = pp > 1 and deepstack_layers(hf_config) > text.num_hidden_layers // pp
     return config
