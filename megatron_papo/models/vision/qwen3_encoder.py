@@ -17,6 +17,17 @@ from megatron_papo.models.vision.rotary import VisionRotaryEmbedding
 from megatron_papo.models.vision.segments import Segments, VisionSegments
 
 
+class MergerList(torch.nn.ModuleList):
+    """The DeepStack mergers, with each merger's own ``sharded_state_dict`` (a plain ``ModuleList`` would be
+    saved as replicated tensors, which do not load at another TP size)."""
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):
+        state = {}
+        for i, merger in enumerate(self):
+            state.update(merger.sharded_state_dict(f"{prefix}{i}.", sharded_offsets, metadata))
+        return state
+
+
 class Qwen3VisionEncoder(MegatronModule):
     """pixel_values [patches, channels * temporal * 16 * 16], grid_thw [images, 3] (t, h, w in patches)
     -> (image features [patches / merge_unit, out_hidden_size], DeepStack features: one such tensor per
@@ -50,7 +61,7 @@ class Qwen3VisionEncoder(MegatronModule):
         )
         self.merger = PatchMerger(config, merge_unit, hf_vision.out_hidden_size)
         self.deepstack_blocks = tuple(hf_vision.deepstack_visual_indexes)
-        self.deepstack_mergers = torch.nn.ModuleList(
+        self.deepstack_mergers = MergerList(
             PatchMerger(config, merge_unit, hf_vision.out_hidden_size, postshuffle_norm=True)
             for _ in self.deepstack_blocks
         )
