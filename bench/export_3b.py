@@ -73,7 +73,7 @@ def make_random_3b(out_dir: str, smoke: bool, seed: int = 0) -> str:
     os.makedirs(tmp)
     config.save_pretrained(tmp)
     largest = max(s.nbytes for s in specs)
-    write_weights(WeightStream(specs, pieces()), tmp, SHARD_BYTES, 2 * largest)
+    write_weights(WeightStream(specs, pieces()), tmp, SHARD_BYTES, 2 * largest, config.model_type)
     os.replace(tmp, out_dir)
     return out_dir
 

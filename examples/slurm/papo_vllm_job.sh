@@ -2,8 +2,8 @@
 # group 0 trains with megatron-core (one task per GPU) and group 1 serves rollouts with vLLM.
 #
 # The sourcing script sets: MODEL (planner name), TRAIN_NODES, GPUS_PER_NODE, TP, PP, MICRO_BATCH,
-# RECOMPUTE, ALGORITHM, VLLM_TP; the user sets MODEL_DIR (the HF Qwen2.5-VL directory, on shared
-# storage) and may set CONFIG (a YAML config), VLLM_PORT (first port, default 8000), PAPO_ENTRY,
+# RECOMPUTE, ALGORITHM, VLLM_TP; the user sets MODEL_DIR (the HF Qwen2.5-VL or Qwen3-VL directory, on
+# shared storage) and may set CONFIG (a YAML config), VLLM_PORT (first port, default 8000), PAPO_ENTRY,
 # WEIGHT_SYNC: directory (default: a safetensors directory under the run directory, on storage both groups
 # see) or broadcast (NCCL from trainer rank 0 into the servers' GPUs; see docs/vllm.md), RUN_DIR (default
 # runs/JOB_NAME: the same for a requeued or resubmitted job, which continues the run there) and
@@ -14,7 +14,7 @@
 # Check a layout before queueing: megatron-papo plan --model "$MODEL" --gpus N --tp TP --pp PP ...
 set -euo pipefail
 cd "${SLURM_SUBMIT_DIR:-.}"
-: "${MODEL_DIR:?set MODEL_DIR to the Hugging Face Qwen2.5-VL directory (shared by all nodes)}"
+: "${MODEL_DIR:?set MODEL_DIR to the Hugging Face Qwen2.5-VL or Qwen3-VL directory (shared by all nodes)}"
 VLLM_PORT=${VLLM_PORT:-8000}
 WEIGHT_SYNC=${WEIGHT_SYNC:-directory}
 RUN_DIR=${RUN_DIR:-runs/$SLURM_JOB_NAME}

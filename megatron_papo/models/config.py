@@ -1,4 +1,5 @@
-"""The ``model`` section and the megatron-core ``TransformerConfig`` built from an HF Qwen2.5-VL config."""
+"""The ``model`` section and the megatron-core ``TransformerConfig`` built from an HF Qwen2.5-VL or Qwen3-VL
+config."""
 
 from __future__ import annotations
 
@@ -16,11 +17,12 @@ from transformers import AutoConfig
 from megatron_papo.config_io import check_choices
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+MODEL_TYPES = ("qwen2_5_vl", "qwen3_vl")  # the HF config's model_type values megatron-papo builds
 
 
 @dataclass
 class ModelConfig:
-    """``hf_path``: an HF Qwen2.5-VL directory (config, weights, tokenizer, image processor).
+    """``hf_path``: an HF Qwen2.5-VL or Qwen3-VL directory (config, weights, tokenizer, image processor).
 
     ``attention``: ``auto`` (transformer-engine when importable and on GPU, else PyTorch SDPA), ``sdpa``,
     ``te``, ``local`` (megatron-core's unfused attention). ``recompute``: activation recomputation of
@@ -37,22 +39,27 @@ class ModelConfig:
     def __post_init__(self) -> None:
         check_choices(self, "model")
         if not self.hf_path.strip():
-            raise ValueError("model.hf_path must name an HF Qwen2.5-VL directory")
+            raise ValueError("model.hf_path must name an HF Qwen2.5-VL or Qwen3-VL directory")
+
+
+def check_model_type(path: str, model_type: str | None) -> None:
+    """Raise ``ValueError`` naming the model type of ``path`` unless it is one of ``MODEL_TYPES``."""
+    if model_type not in MODEL_TYPES:
+        supported = ", ".join(MODEL_TYPES)
+        raise ValueError(f"{path} holds a {model_type!r} model; megatron-papo supports {supported}")
 
 
 def load_hf_config(path: str):
-    """The HF config at ``path``; a clear error when it is missing or not Qwen2.5-VL."""
+    """The HF config at ``path``; a clear error when it is missing or not one of ``MODEL_TYPES``."""
     if not os.path.isdir(path):
         raise ValueError(f"model.hf_path {path}: no such directory")
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise ValueError(
             f"model.hf_path {path}: no config.json (make one with tools/make_tiny_model.py or "
-            "point to a downloaded Qwen2.5-VL directory)"
+            "point to a downloaded Qwen2.5-VL or Qwen3-VL directory)"
         )
     with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
-        model_type = json.load(f).get("model_type")
-    if model_type != "qwen2_5_vl":
-        raise ValueError(f"{path} holds a {model_type!r} model; megatron-papo supports qwen2_5_vl")
+        check_model_type(path, json.load(f).get("model_type"))
     return AutoConfig.from_pretrained(path)
 
 
@@ -71,6 +78,11 @@ def check_layout(hf_config, tp: int, pp: int) -> None:
         raise ValueError(f"pipeline_model_parallel_size {pp} does not divide {text.num_hidden_layers} layers")
 
 
+def deepstack_layers(hf_config) -> int:
+    """How many of the first LM layers get DeepStack features added (Qwen3-VL), 0 for Qwen2.5-VL."""
+    return len(getattr(hf_config.vision_config, "deepstack_visual_indexes", ()))
+
+
 def language_config(cfg: ModelConfig, hf_config) -> TransformerConfig:
     """The LM decoder's megatron-core config at the current TP / PP sizes (the vision tower's is
     ``megatron_papo.models.vision.config.vision_transformer_config``). Raises ``ValueError`` naming the
@@ -80,19 +92,21 @@ def language_config(cfg: ModelConfig, hf_config) -> TransformerConfig:
     check_layout(hf_config, tp, pp)
     dtype = DTYPES[cfg.dtype]
     rope = text.rope_parameters
+    qwen3 = hf_config.model_type == "qwen3_vl"
     config = TransformerConfig(
         num_layers=text.num_hidden_layers,
         hidden_size=text.hidden_size,
         ffn_hidden_size=text.intermediate_size,
         num_attention_heads=text.num_attention_heads,
         num_query_groups=text.num_key_value_heads,
-        kv_channels=text.hidden_size // text.num_attention_heads,
+        kv_channels=getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads,
         normalization="RMSNorm",
         layernorm_epsilon=text.rms_norm_eps,
         gated_linear_unit=True,
         activation_func=F.silu,
         add_bias_linear=False,
-        add_qkv_bias=True,
+        add_qkv_bias=text.attention_bias if qwen3 else True,
+        qk_layernorm=qwen3,
         hidden_dropout=0.0,
         attention_dropout=0.0,
         tensor_model_parallel_size=tp,
@@ -108,7 +122,9 @@ def language_config(cfg: ModelConfig, hf_config) -> TransformerConfig:
         recompute_num_layers=1 if cfg.recompute else None,
     )
     config.mrope_section = list(rope["mrope_section"])
-    # packed micro-batches differ in length: pipeline stages exchange activation shapes (set after
-    # construction: the check against MoE token dispatchers does not concern this dense model)
+    # pipeline stages exchange activation shapes: packed micro-batches differ in length, and a stage
+    # boundary inside the DeepStack layers (Qwen3-VL) sends hidden states widened by the pending maps (set
+    # after __post_init__, which refuses the flag with its default MoE token dispatcher, though there are
+    # no experts)
     config.variable_seq_lengths = pp > 1
     return config

@@ -60,7 +60,7 @@ def _hf_to_mcore_rank(hf_dir: str, out_dir: str, dtype: str) -> None:
     import torch.distributed as dist
     from megatron.core import dist_checkpointing
 
-    from megatron_papo.models.qwen25vl import build_model
+    from megatron_papo.models.build import build_model
     from megatron_papo.models.weights import load_hf_weights
 
     model = build_model(ModelConfig(hf_path=hf_dir, dtype=dtype))
@@ -84,7 +84,7 @@ def load_mcore_model(ckpt_dir: str, hf_dir: str, dtype: str):
     ``ckpt_dir``; ``ValueError`` when the checkpoint lacks tensors the model needs."""
     from megatron.core import dist_checkpointing
 
-    from megatron_papo.models.qwen25vl import build_model
+    from megatron_papo.models.build import build_model
 
     model = build_model(ModelConfig(hf_path=hf_dir, dtype=dtype))
     state = model_state(model)

@@ -1,4 +1,5 @@
-"""Write a complete HF Qwen2.5-VL directory (weights + the source's config, tokenizer, processor files)."""
+"""Write a complete HF Qwen2.5-VL or Qwen3-VL directory (weights + the source's config, tokenizer, processor
+files)."""
 
 from __future__ import annotations
 
@@ -24,13 +25,16 @@ def copy_non_weight_files(source_dir: str, out_dir: str) -> None:
             shutil.copy2(src, os.path.join(out_dir, entry))
 
 
-def write_weights(stream: WeightStream, out_dir: str, max_shard_bytes: int, buffer_bytes: int) -> int:
-    """Write ``stream`` (``state_dict()`` names) into ``out_dir`` as safetensors with checkpoint-file
-    names, each piece as it arrives (``SafetensorsWriter``); return the bytes of the tensors."""
-    specs = [TensorSpec(checkpoint_name(s.name), s.dtype, s.shape) for s in stream.specs]
+def write_weights(
+    stream: WeightStream, out_dir: str, max_shard_bytes: int, buffer_bytes: int, model_type: str
+) -> int:
+    """Write ``stream`` (``state_dict()`` names) into ``out_dir`` as safetensors with the checkpoint-file
+    names of ``model_type`` (the HF config's), each piece as it arrives (``SafetensorsWriter``); return the
+    bytes of the tensors."""
+    specs = [TensorSpec(checkpoint_name(s.name, model_type), s.dtype, s.shape) for s in stream.specs]
     with SafetensorsWriter(out_dir, specs, max_shard_bytes, buffer_bytes) as writer:
         for piece in stream.pieces:
-            writer.write(checkpoint_name(piece.name), piece.row, piece.tensor)
+            writer.write(checkpoint_name(piece.name, model_type), piece.row, piece.tensor)
         return writer.close()
 
 
@@ -80,7 +84,7 @@ def save_hf_directory(
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
         copy_non_weight_files(source_dir, tmp)
-        write_weights(stream, tmp, max_shard_bytes, buffer_bytes)
+        write_weights(stream, tmp, max_shard_bytes, buffer_bytes, model.hf_config.model_type)
         replace_directory(tmp, out_dir)
     dist.barrier()
     return out_dir

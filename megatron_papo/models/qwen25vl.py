@@ -8,6 +8,8 @@ hidden states through ``set_input_tensor``. The last stage returns vocab-paralle
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from megatron.core import parallel_state as ps
 from megatron.core import tensor_parallel
@@ -16,32 +18,49 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.module import MegatronModule
-from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+from megatron.core.transformer.transformer_block import (
+    LayerNormImpl,
+    TransformerBlockSubmodules,
+    get_num_layers_to_build,
+)
 from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
 from megatron_papo.models.attention import SDPAttention
-from megatron_papo.models.config import ModelConfig, language_config, load_hf_config
+from megatron_papo.models.config import ModelConfig, deepstack_layers, language_config
+from megatron_papo.models.deepstack import DeepStackLayer
 from megatron_papo.models.image_tokens import check_image_tokens
 from megatron_papo.models.norm import RMSNorm
 from megatron_papo.models.vision import build_vision_encoder
 
 
-def decoder_spec(attention: str, config: TransformerConfig):
-    """megatron-core's decoder spec for the chosen attention backend: transformer-engine's layer spec,
-    or the local one with ``RMSNorm`` (sequence-parallel capable) and SDPA or megatron's own attention."""
+def decoder_spec(attention: str, config: TransformerConfig, deepstack: int = 0) -> TransformerBlockSubmodules:
+    """This stage's decoder spec for the chosen attention backend: transformer-engine's layer spec, or the
+    local one with ``RMSNorm`` (sequence-parallel capable) and SDPA or megatron's own attention; q/k
+    RMSNorm when ``config.qk_layernorm`` (Qwen3-VL). The model's first ``deepstack`` layers are
+    ``DeepStackLayer``s."""
     if attention == "te" or (attention == "auto" and _have_te()):
         if not _have_te():
             raise ValueError("model.attention=te needs transformer-engine and a GPU; use sdpa")
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
-        return get_gpt_layer_with_transformer_engine_spec()
-    spec = get_gpt_layer_local_spec(normalization="RMSNorm")
-    spec.submodules.input_layernorm = spec.submodules.pre_mlp_layernorm = RMSNorm
-    if attention in ("sdpa", "auto"):
-        spec.submodules.self_attention.submodules.core_attention = SDPAttention
-    return TransformerBlockSubmodules(
-        layer_specs=[spec] * get_num_layers_to_build(config), layer_norm=RMSNorm
-    )
+        spec = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=config.qk_layernorm)
+        final_norm = LayerNormImpl
+    else:
+        spec = get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=config.qk_layernorm)
+        final_norm = RMSNorm
+        spec.submodules.input_layernorm = spec.submodules.pre_mlp_layernorm = RMSNorm
+        attention_modules = spec.submodules.self_attention.submodules
+        if config.qk_layernorm:
+            attention_modules.q_layernorm = attention_modules.k_layernorm = RMSNorm
+        if attention in ("sdpa", "auto"):
+            attention_modules.core_attention = SDPAttention
+    with_deepstack = dataclasses.replace(spec, module=DeepStackLayer)
+    offset = get_transformer_layer_offset(config)
+    layers = [
+        with_deepstack if offset + i < deepstack else spec for i in range(get_num_layers_to_build(config))
+    ]
+    return TransformerBlockSubmodules(layer_specs=layers, layer_norm=final_norm)
 
 
 def _have_te() -> bool:
@@ -80,7 +99,7 @@ class Qwen25VLModel(MegatronModule):
         )
         self.language_model = GPTModel(
             config,
-            decoder_spec(cfg.attention, config),
+            decoder_spec(cfg.attention, config, deepstack_layers(hf_config)),
             vocab_size=text.vocab_size,
             max_sequence_length=text.max_position_embeddings,
             pre_process=pre_process,
@@ -110,7 +129,24 @@ class Qwen25VLModel(MegatronModule):
             if image_grid_thw is not None and len(image_grid_thw):
                 raise ValueError(f"image_grid_thw {image_grid_thw.tolist()} given without pixel_values")
             return embeddings
-        features = self.vision(pixel_values, image_grid_thw).to(embeddings.dtype)
+        return self.with_images(embeddings, input_ids, pixel_values, image_grid_thw)
+
+    def with_images(
+        self,
+        embeddings: torch.Tensor,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor,
+        image_grid_thw: torch.Tensor,
+    ) -> torch.Tensor:
+        """The decoder input of a batch with images: the vision tower's features in the placeholders."""
+        return self.at_image_tokens(embeddings, input_ids, self.vision(pixel_values, image_grid_thw))
+
+    def at_image_tokens(
+        self, embeddings: torch.Tensor, input_ids: torch.Tensor, features: torch.Tensor
+    ) -> torch.Tensor:
+        """``embeddings`` [s, b, hidden] ([s/tp, b, hidden] with sequence parallelism) with the image
+        placeholders of ``input_ids`` [b, s] replaced by ``features`` [image tokens, hidden]."""
+        features = features.to(embeddings.dtype)
         sequence_parallel = self.config.sequence_parallel
         if sequence_parallel:
             embeddings = tensor_parallel.gather_from_sequence_parallel_region(
@@ -148,15 +184,3 @@ class Qwen25VLModel(MegatronModule):
             decoder_input=decoder_input,
             packed_seq_params=packed_seq_params,
         )
-
-
-def build_model(
-    cfg: ModelConfig, pre_process: bool | None = None, post_process: bool | None = None
-) -> Qwen25VLModel:
-    """This rank's stage of the policy (random weights: load them with ``load_hf_weights``).
-
-    ``pre_process`` / ``post_process`` default to this rank's place in the pipeline."""
-    hf_config = load_hf_config(cfg.hf_path)
-    pre = ps.is_pipeline_first_stage() if pre_process is None else pre_process
-    post = ps.is_pipeline_last_stage() if post_process is None else post_process
-    return Qwen25VLModel(cfg, hf_config, pre, post)

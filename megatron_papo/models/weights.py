@@ -1,10 +1,11 @@
-"""HF Qwen2.5-VL weights <-> this rank's megatron-core shard: the one mapping used by the conversion tool,
-the embedded rollout engine and vLLM weight sync.
+"""HF Qwen2.5-VL / Qwen3-VL weights <-> this rank's megatron-core shard: the one mapping used by the
+conversion tool, the embedded rollout engine and vLLM weight sync.
 
-Names are those of transformers' in-memory model, ``Qwen2_5_VLForConditionalGeneration.state_dict()``:
-``model.language_model.*``, ``model.visual.*``, ``lm_head.weight`` (also for tied embeddings, where it is
-the embedding matrix). Checkpoint files use the older names (``model.layers.*``, ``visual.*``, no
-``lm_head`` when tied); ``checkpoint_name`` / ``module_name`` convert, and ``HFCheckpoint`` reads both.
+Names are those of transformers' in-memory model, ``Qwen2_5_VLForConditionalGeneration.state_dict()`` or
+``Qwen3VLForConditionalGeneration.state_dict()``: ``model.language_model.*``, ``model.visual.*``,
+``lm_head.weight`` (also for tied embeddings, where it is the embedding matrix). Qwen2.5-VL checkpoint files
+use the older names (``model.layers.*``, ``visual.*``), Qwen3-VL's the in-memory ones; neither holds
+``lm_head`` when tied. ``checkpoint_name`` / ``module_name`` convert, and ``HFCheckpoint`` reads both.
 
 Each parameter's HF tensors and TP split are a ``megatron_papo.models.layouts.Layout`` (the vision
 tower's from ``megatron_papo.models.vision.weights``). Loading reads only this rank's rows and columns
@@ -23,7 +24,8 @@ from megatron.core import parallel_state as ps
 from safetensors import safe_open
 
 from megatron_papo.models import layouts
-from megatron_papo.models.layouts import Layout, column, gated
+from megatron_papo.models.config import check_model_type
+from megatron_papo.models.layouts import Layout, Part, column, gated
 from megatron_papo.models.vision.weights import vision_layouts
 from megatron_papo.models.weight_stream import BUFFER_BYTES, Piece, TensorSpec, WeightStream, relay
 
@@ -32,8 +34,10 @@ EMBED = f"{LM}embed_tokens.weight"
 INDEX, SINGLE = "model.safetensors.index.json", "model.safetensors"
 
 
-def checkpoint_name(name: str) -> str:
-    """A ``state_dict()`` name -> its name in Qwen2.5-VL checkpoint files."""
+def checkpoint_name(name: str, model_type: str = "qwen2_5_vl") -> str:
+    """A ``state_dict()`` name -> its name in the checkpoint files of ``model_type`` (the HF config's)."""
+    if model_type == "qwen3_vl":
+        return name
     if name.startswith(VISION):
         return "visual." + name[len(VISION) :]
     if name.startswith(LM):
@@ -50,19 +54,28 @@ def module_name(name: str) -> str:
     return name
 
 
-def _lm_layer(prefix: str, hf: str, rows: dict[str, int], qkv: tuple[Layout, Layout]) -> dict[str, Layout]:
-    """Layouts of one LM layer, for both megatron-core layer specs (local norms or TE-fused norms)."""
+def _lm_layer(prefix: str, hf: str, rows: dict[str, int], qkv: tuple[Part, ...]) -> dict[str, Layout]:
+    """Layouts of one LM layer, for both megatron-core layer specs (local norms or TE-fused norms), with QKV
+    biases (Qwen2.5-VL) or q/k norms (Qwen3-VL) where the layer has them; ``qkv``: the fused qkv's parts."""
     fused_norms = f"{prefix}self_attention.linear_qkv.layer_norm_weight" in rows
     attn, mlp = f"{hf}self_attn.", f"{hf}mlp."
     fc1 = f"{prefix}mlp.linear_fc1.weight"
-    return {
+    optional = {
+        f"{prefix}self_attention.linear_qkv.bias": Layout(
+            tuple(f"{attn}{p}_proj.bias" for p in "qkv"), "rows", qkv
+        ),
+        f"{prefix}self_attention.q_layernorm.weight": Layout((f"{attn}q_norm.weight",)),
+        f"{prefix}self_attention.k_layernorm.weight": Layout((f"{attn}k_norm.weight",)),
+    }
+    return {name: layout for name, layout in optional.items() if name in rows} | {
         (
             f"{prefix}self_attention.linear_qkv.layer_norm_weight"
             if fused_norms
             else f"{prefix}input_layernorm.weight"
         ): Layout((f"{hf}input_layernorm.weight",)),
-        f"{prefix}self_attention.linear_qkv.weight": qkv[0],
-        f"{prefix}self_attention.linear_qkv.bias": qkv[1],
+        f"{prefix}self_attention.linear_qkv.weight": Layout(
+            tuple(f"{attn}{p}_proj.weight" for p in "qkv"), "rows", qkv
+        ),
         f"{prefix}self_attention.linear_proj.weight": Layout((f"{attn}o_proj.weight",), "columns"),
         (
             f"{prefix}mlp.linear_fc1.layer_norm_weight"
@@ -74,14 +87,11 @@ def _lm_layer(prefix: str, hf: str, rows: dict[str, int], qkv: tuple[Layout, Lay
     }
 
 
-def _qkv(hf: str, model) -> tuple[Layout, Layout]:
-    """megatron's fused qkv weight and bias: per query group ``[q heads; k; v]``."""
+def _qkv_parts(model) -> tuple[Part, ...]:
+    """megatron's fused qkv rows (weight or bias): per query group ``[q heads; k; v]`` of HF's q, k, v."""
     c = model.config
-    per_group = ((0, c.num_attention_heads // c.num_query_groups * c.kv_channels, 0), (1, c.kv_channels, 0))
-    parts = (*per_group, (2, c.kv_channels, 0))
-    return tuple(
-        Layout(tuple(f"{hf}self_attn.{p}_proj.{w}" for p in "qkv"), "rows", parts) for w in ("weight", "bias")
-    )
+    q_rows = c.num_attention_heads // c.num_query_groups * c.kv_channels
+    return ((0, q_rows, 0), (1, c.kv_channels, 0), (2, c.kv_channels, 0))
 
 
 def parameter_map(model) -> dict[str, Layout]:
@@ -94,10 +104,10 @@ def parameter_map(model) -> dict[str, Layout]:
         entries |= {f"vision.{n}": e for n, e in vision_layouts(model.vision, VISION).items()}
     lm = model.language_model
     offset = lm.decoder.layers[0].layer_number - 1 if len(lm.decoder.layers) else 0
+    qkv = _qkv_parts(model)
     for layer in lm.decoder.layers:
         prefix = f"language_model.decoder.layers.{layer.layer_number - 1 - offset}."
-        hf = f"{LM}layers.{layer.layer_number - 1}."
-        entries |= _lm_layer(prefix, hf, rows, _qkv(hf, model))
+        entries |= _lm_layer(prefix, f"{LM}layers.{layer.layer_number - 1}.", rows, qkv)
     if lm.pre_process:
         embedding = "language_model.embedding.word_embeddings.weight"
         entries[embedding] = column(EMBED, rows[embedding])
@@ -161,15 +171,13 @@ def _check_model_type(hf_dir: str) -> None:
     config = os.path.join(hf_dir, "config.json")
     if os.path.isfile(config):
         with open(config, encoding="utf-8") as f:
-            model_type = json.load(f).get("model_type")
-        if model_type != "qwen2_5_vl":
-            raise ValueError(f"{hf_dir} holds a {model_type!r} model, not qwen2_5_vl")
+            check_model_type(hf_dir, json.load(f).get("model_type"))
 
 
 @torch.no_grad()
 def load_hf_weights(model, hf_dir: str) -> None:
-    """Copy the HF weights in ``hf_dir`` into this rank's shard of ``model`` (a ``Qwen25VLModel`` stage),
-    reading only this rank's rows and columns of each tensor.
+    """Copy the HF weights in ``hf_dir`` into this rank's shard of ``model`` (a ``Qwen25VLModel`` or
+    ``Qwen3VLModel`` stage), reading only this rank's rows and columns of each tensor.
 
     Raises ``ValueError`` for a directory of another model type or a tensor of the wrong shape,
     ``FileNotFoundError`` for missing weight files or shards, ``KeyError`` naming a missing tensor.

@@ -91,15 +91,16 @@ def vision_activation_bytes(vision: VisionArch, patches: int, tp: int, elem: int
     """Bytes the vision tower (``megatron_papo.models.vision``) saves for the ``patches`` of a micro-batch.
 
     Per block and patch: the norms' and residual tensors (6 h, replicated), Q, K, the QKV output and the
-    attention output (6 h / tp), the SwiGLU's four ``[ffn / tp]`` tensors, fp32 log-sum-exp and
-    reciprocal stds; and per block the attention mask over all patches of the micro-batch,
+    attention output (6 h / tp), the SwiGLU's four ``[ffn / tp]`` tensors (a plain MLP's two), fp32
+    log-sum-exp and reciprocal stds; and per block the attention mask over all patches of the micro-batch,
     ``[patches, patches]`` in the activation dtype (SDPA turns the boolean block-diagonal mask into an
     additive one). Once: the patch embedding input ``[patches, 3 * 2 * 14 * 14]``, the 2D RoPE cos/sin,
     and the merger (its norm, then its replicated input and two split tensors of the merged width per 4
     patches).
     """
     h, f = vision.hidden_size, vision.ffn_hidden_size
-    per_patch = (6 * h + 6 * h // tp + 4 * f // tp) * elem + FP32 * (vision.num_heads // tp + 2)
+    mlp = (4 if vision.gated_mlp else 2) * f // tp  # SwiGLU's four tensors, a plain MLP's two
+    per_patch = (6 * h + 6 * h // tp + mlp) * elem + FP32 * (vision.num_heads // tp + 2)
     block = patches * per_patch + patches * patches * elem
     head_dim = h // vision.num_heads
     patch_dim = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2

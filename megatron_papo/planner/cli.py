@@ -2,6 +2,7 @@
 
 megatron-papo plan --model qwen2_5_vl_72b --gpus 64 --micro-batch 1 --recompute
 megatron-papo plan --model qwen2_5_vl_7b --gpus 8 --tp 4 --pp 1      # one layout, stage by stage
+megatron-papo plan --model qwen3_vl_8b --gpus 8 --micro-batch 1 --recompute
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from megatron_papo.planner.architectures import QWEN2_5_VL, get_model
+from megatron_papo.planner.architectures import MODELS, get_model
 from megatron_papo.planner.memory import GIB, Layout, MemoryEstimate, Workload, estimate_memory, plan
 
 
@@ -21,7 +22,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--model", required=True, help=f"{', '.join(QWEN2_5_VL)} or an HF model directory")
+    p.add_argument("--model", required=True, help=f"{', '.join(MODELS)} or an HF model directory")
     p.add_argument("--gpus", type=int, required=True, help="training GPUs (rollout GPUs not counted)")
     p.add_argument("--gpu-memory", type=float, default=80.0, help="GiB per GPU (default 80)")
     p.add_argument("--gpus-per-node", type=int, default=8, help="largest TP (TP stays inside a node)")

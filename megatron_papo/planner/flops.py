@@ -27,7 +27,8 @@ def _sum_of_squares(size: int, window: int) -> int:
 
 def vision_forward_flops(vision: VisionArch, grid_h: int, grid_w: int) -> int:
     """The vision tower over one image of ``grid_h`` x ``grid_w`` patches (windows of
-    ``vision.window_size`` pixels, whole-image attention in ``vision.fullatt_block_indexes``)."""
+    ``vision.window_size`` pixels, whole-image attention in ``vision.fullatt_block_indexes``; DeepStack
+    mergers not counted)."""
     patches = grid_h * grid_w
     merge = vision.spatial_merge_size
     window = vision.window_size // merge // vision.patch_size * merge  # in patches, as Qwen cuts them
@@ -38,6 +39,7 @@ def vision_forward_flops(vision: VisionArch, grid_h: int, grid_w: int) -> int:
     matmuls = patches * (embed + vision.depth * vision.block_params(1)) + merged * (
         m * m + m * vision.out_hidden_size
     )
-    windowed = _sum_of_squares(grid_h, window) * _sum_of_squares(grid_w, window)
-    scores = (vision.depth - full_blocks) * windowed + full_blocks * patches**2
+    windowed_blocks = vision.depth - full_blocks  # none in Qwen3-VL
+    windowed = _sum_of_squares(grid_h, window) * _sum_of_squares(grid_w, window) if windowed_blocks else 0
+    scores = windowed_blocks * windowed + full_blocks * patches**2
     return 2 * matmuls + 4 * scores * vision.hidden_size

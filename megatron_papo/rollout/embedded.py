@@ -1,4 +1,4 @@
-"""The default rollout engine: a transformers Qwen2.5-VL in this process, fed the policy's weights.
+"""The default rollout engine: a transformers Qwen2.5-VL or Qwen3-VL in this process, fed the policy weights.
 
 Why transformers rather than megatron-core's inference engine: the weights already travel in the HF layout
 (the same export feeds the conversion tool and vLLM weight sync), transformers' Qwen2.5-VL generation is the
@@ -18,7 +18,7 @@ import time
 from collections.abc import Iterable
 
 import torch
-from transformers import AutoConfig, Qwen2_5_VLForConditionalGeneration
+from transformers import AutoConfig, AutoModelForImageTextToText
 
 from megatron_papo.models.weights import module_name
 from megatron_papo.rollout.config import RolloutConfig
@@ -26,7 +26,8 @@ from megatron_papo.rollout.engine import Rollout, RolloutRequest, rollout_stats,
 
 
 class EmbeddedEngine:
-    """Generates with ``Qwen2_5_VLForConditionalGeneration`` built from the HF config at ``hf_path``."""
+    """Generates with the transformers model of the HF config at ``hf_path`` (by its ``model_type``:
+    ``Qwen2_5_VLForConditionalGeneration`` or ``Qwen3VLForConditionalGeneration``)."""
 
     weights_to = "all"  # every rank generates with its own copy
 
@@ -40,7 +41,7 @@ class EmbeddedEngine:
         device: str | torch.device = "cpu",
     ) -> None:
         config = AutoConfig.from_pretrained(hf_path)
-        self.model = Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=dtype).to(device).eval()
+        self.model = AutoModelForImageTextToText.from_config(config, dtype=dtype).to(device).eval()
         self.cfg = cfg
         self.eos_token_id = eos_token_id
         self.pad_token_id = pad_token_id
@@ -63,7 +64,7 @@ class EmbeddedEngine:
                 )
             params[name].copy_(tensor)
             seen.add(name)
-        tied = {"lm_head.weight"} if self.model.config.get_text_config().tie_word_embeddings else set()
+        tied = {"lm_head.weight"} if self.model.config.tie_word_embeddings else set()
         missing = set(params) - seen - tied
         if missing:
             raise KeyError(f"weight sync left {len(missing)} parameters unset, e.g. {sorted(missing)[:3]}")

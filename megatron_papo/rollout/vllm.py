@@ -109,7 +109,7 @@ class VllmEngine:
         hf = AutoConfig.from_pretrained(hf_path)
         text = hf.get_text_config()
         self.vocab_size = int(text.vocab_size)
-        self.tied = bool(text.tie_word_embeddings)
+        self.tied = bool(hf.tie_word_embeddings)
         self.logit_bias = {str(t): -100.0 for t in vision_token_ids(hf)}
         self.weights = ServerWeights(cfg, hf_path, self.tied)
         self.pool = ServerPool(

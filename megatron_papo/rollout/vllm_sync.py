@@ -2,12 +2,13 @@
 of the portable weight sync.
 
 The policy's weights arrive on global rank 0 as a ``megatron_papo.models.weight_stream.WeightStream``
-(row pieces, at most a buffer's bytes in flight) and are renamed to checkpoint-file names
-(``model.layers.*``, ``visual.*``). Broadcast sync assembles whole tensors and sends size-bounded buckets
-of them (``megatron_papo.models.buckets``), one message each (``megatron_papo.rollout.weight_group``);
-directory sync writes each piece into safetensors shards of at most ``bucket_bytes`` as it arrives, with
-the writer of every HF export (``hf_directory.write_weights``). The directory is built as ``<out>.tmp``
-and renamed to ``<out>`` once complete: a server never reads a half-written directory.
+(row pieces, at most a buffer's bytes in flight) and are renamed to the source's checkpoint-file names
+(Qwen2.5-VL: ``model.layers.*``, ``visual.*``; Qwen3-VL: the in-memory ones). Broadcast sync assembles
+whole tensors and sends size-bounded buckets of them (``megatron_papo.models.buckets``), one message each
+(``megatron_papo.rollout.weight_group``); directory sync writes each piece into safetensors shards of at
+most ``bucket_bytes`` as it arrives, with the writer of every HF export (``hf_directory.write_weights``).
+The directory is built as ``<out>.tmp`` and renamed to ``<out>`` once complete: a server never reads a
+half-written directory.
 
 With tied embeddings ``lm_head.weight`` (the embedding matrix) is written too, unlike ``save_pretrained``:
 vLLM 0.32's in-place ``reload_weights`` re-creates the embedding but puts the output layer's old tensor
@@ -24,6 +25,7 @@ from collections.abc import Iterable, Iterator
 import torch
 from safetensors import safe_open
 
+from megatron_papo.models.config import load_hf_config
 from megatron_papo.models.hf_directory import copy_non_weight_files, replace_directory, write_weights
 from megatron_papo.models.weight_stream import BUFFER_BYTES, WeightStream
 from megatron_papo.models.weights import HEAD, checkpoint_name
@@ -65,9 +67,10 @@ def checkpoint_tensors(
     (vLLM itself only warns about weights it did not reload). Checked at the end, not on the way: every
     rank must finish the export's gathers.
     """
+    model_type = load_hf_config(source_dir).model_type
     seen: set[str] = set()
     for name, tensor in named_tensors:
-        file_name = checkpoint_name(name)
+        file_name = checkpoint_name(name, model_type)
         if file_name in seen:
             raise ValueError(f"weight sync: {name!r} was given twice")
         seen.add(file_name)
@@ -92,7 +95,8 @@ def write_weight_directory(
     drained, and nothing is written.
     """
     stream = named_tensors if isinstance(named_tensors, WeightStream) else WeightStream.of(named_tensors)
-    problem = _names_problem({checkpoint_name(s.name) for s in stream.specs}, source_dir, tied)
+    model_type = load_hf_config(source_dir).model_type
+    problem = _names_problem({checkpoint_name(s.name, model_type) for s in stream.specs}, source_dir, tied)
     if problem:
         for _ in stream.pieces:  # the other ranks' sends
             pass
@@ -102,7 +106,7 @@ def write_weight_directory(
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     try:
-        total = write_weights(stream, tmp, bucket_bytes, buffer_bytes)
+        total = write_weights(stream, tmp, bucket_bytes, buffer_bytes, model_type)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -1,4 +1,5 @@
-"""The vision tower's megatron-core ``TransformerConfig``, built from an HF ``Qwen2_5_VLVisionConfig``."""
+"""The vision tower's megatron-core ``TransformerConfig``, built from an HF
+``Qwen2_5_VLVisionConfig`` (RMSNorm, SwiGLU MLP) or ``Qwen3VLVisionConfig`` (LayerNorm, plain MLP)."""
 
 from __future__ import annotations
 
@@ -9,12 +10,14 @@ import torch.nn.functional as F
 from megatron.core import parallel_state as ps
 from megatron.core.transformer import TransformerConfig
 
-RMS_EPS = 1e-6  # transformers hard-codes this epsilon for every norm of the vision tower
+NORM_EPS = 1e-6  # transformers hard-codes this epsilon for every norm of the vision tower
+QWEN3_VISION = "qwen3_vl_vision"  # the model_type of Qwen3-VL's vision config
 ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "gelu_pytorch_tanh": partial(F.gelu, approximate="tanh")}
 
 
 def vision_transformer_config(hf_vision, *, params_dtype: torch.dtype) -> TransformerConfig:
-    """The vision blocks' config at the current TP size (heads and MLP columns split over TP).
+    """The vision blocks' config at the current TP size (heads and MLP columns split over TP): Qwen2.5-VL's
+    RMSNorm and gated MLP, or Qwen3-VL's LayerNorm and plain MLP.
 
     The tower lives whole on the first pipeline stage, so its config has pipeline size 1 whatever the
     LM's layout is. Raises ``ValueError`` when TP does not divide the heads, MLP width or merger width.
@@ -32,15 +35,16 @@ def vision_transformer_config(hf_vision, *, params_dtype: torch.dtype) -> Transf
     ):
         if count % tp:
             raise ValueError(f"tensor_model_parallel_size {tp} does not divide the {count} {what}")
+    qwen3 = hf_vision.model_type == QWEN3_VISION
     return TransformerConfig(
         num_layers=hf_vision.depth,
         hidden_size=hf_vision.hidden_size,
         ffn_hidden_size=hf_vision.intermediate_size,
         num_attention_heads=hf_vision.num_heads,
         kv_channels=hf_vision.hidden_size // hf_vision.num_heads,
-        normalization="RMSNorm",
-        layernorm_epsilon=RMS_EPS,
-        gated_linear_unit=True,
+        normalization="LayerNorm" if qwen3 else "RMSNorm",
+        layernorm_epsilon=NORM_EPS,
+        gated_linear_unit=not qwen3,
         activation_func=ACTIVATIONS[hf_vision.hidden_act],
         add_bias_linear=True,
         add_qkv_bias=True,

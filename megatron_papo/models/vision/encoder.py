@@ -1,4 +1,5 @@
-"""The Qwen2.5-VL vision tower on megatron-core: ``Qwen25VisionEncoder`` and ``build_vision_encoder``."""
+"""The Qwen2.5-VL vision tower on megatron-core: ``Qwen25VisionEncoder``; ``build_vision_encoder`` builds
+it or Qwen3-VL's ``Qwen3VisionEncoder``, by the vision config's model type."""
 
 from __future__ import annotations
 
@@ -8,10 +9,12 @@ from megatron.core.transformer.transformer_block import TransformerBlock
 from megatron.core.transformer.transformer_config import TransformerConfig
 from transformers.vision_utils import get_vision_cu_seqlens, get_vision_position_ids, get_vision_window_index
 
-from megatron_papo.models.vision.config import vision_transformer_config
+from megatron_papo.models.vision.config import QWEN3_VISION, vision_transformer_config
+from megatron_papo.models.vision.inputs import check_inputs
 from megatron_papo.models.vision.layer_spec import vision_layer_spec
 from megatron_papo.models.vision.merger import PatchMerger
 from megatron_papo.models.vision.patch_embed import PatchEmbed
+from megatron_papo.models.vision.qwen3_encoder import Qwen3VisionEncoder
 from megatron_papo.models.vision.rotary import VisionRotaryEmbedding
 from megatron_papo.models.vision.segments import Segments, VisionSegments
 
@@ -47,27 +50,8 @@ class Qwen25VisionEncoder(MegatronModule):
         )
         self.merger = PatchMerger(config, self.merge_unit, hf_vision.out_hidden_size)
 
-    def _check(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> None:
-        if pixel_values.dim() != 2 or pixel_values.shape[1] != self.patch_dim:
-            raise ValueError(
-                f"pixel_values must be [patches, {self.patch_dim}], got {tuple(pixel_values.shape)}"
-            )
-        if grid_thw.dim() != 2 or grid_thw.shape[1] != 3:
-            raise ValueError(f"grid_thw must be [images, 3] (t, h, w), got {tuple(grid_thw.shape)}")
-        patches = int(grid_thw.prod(-1).sum())
-        if patches != pixel_values.shape[0]:
-            raise ValueError(
-                f"image grids {grid_thw.tolist()} describe {patches} patches, "
-                f"pixel_values has {pixel_values.shape[0]}"
-            )
-        if bool((grid_thw[:, 1:] % self.merge_size).any()):
-            raise ValueError(
-                f"image grids {grid_thw.tolist()}: heights and widths must be multiples of the "
-                f"spatial merge size {self.merge_size}"
-            )
-
     def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
-        self._check(pixel_values, grid_thw)
+        check_inputs(pixel_values, grid_thw, self.patch_dim, self.merge_size)
         device, grid = pixel_values.device, grid_thw.detach().cpu()
         window_index, cu_windows = get_vision_window_index(
             grid, self.merge_size, self.window_size, self.patch_size
@@ -93,8 +77,8 @@ def build_vision_encoder(
     *,
     params_dtype: torch.dtype,
     attention_backend: str = "sdpa",
-) -> Qwen25VisionEncoder:
-    """This TP rank's shard of the vision tower (random weights: load them with
+) -> Qwen25VisionEncoder | Qwen3VisionEncoder:
+    """This TP rank's shard of the vision tower of ``hf_vision_config`` (random weights: load them with
     ``load_hf_vision_weights``). ``attention_backend``: ``sdpa`` (PyTorch's scaled_dot_product_attention
     over equal-length windows / images) or ``auto`` (the same; transformer-engine is not used here)."""
     if attention_backend not in ATTENTION_BACKENDS:
@@ -107,4 +91,6 @@ def build_vision_encoder(
             f"size {lm_hidden_size}: the image features would not fit the token embeddings"
         )
     config = vision_transformer_config(hf_vision_config, params_dtype=params_dtype)
+    if hf_vision_config.model_type == QWEN3_VISION:
+        return Qwen3VisionEncoder(config, hf_vision_config)
     return Qwen25VisionEncoder(config, hf_vision_config)

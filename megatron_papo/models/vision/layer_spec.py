@@ -2,7 +2,8 @@
 
 RMSNorm -> self-attention (fused QKV column-parallel with bias, 2D rotary, ``VisionCoreAttention``,
 output row-parallel with bias) -> residual -> RMSNorm -> SwiGLU MLP with bias (gate and up fused into
-``linear_fc1``) -> residual: transformers' ``Qwen2_5_VLVisionBlock``.
+``linear_fc1``) -> residual: transformers' ``Qwen2_5_VLVisionBlock``; with the config's LayerNorm and plain
+MLP (``gated_linear_unit=False``), Qwen3-VL's ``Qwen3VLVisionBlock``.
 """
 
 from __future__ import annotations

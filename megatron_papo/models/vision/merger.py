@@ -8,21 +8,27 @@ from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinea
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron_papo.models.vision.config import RMS_EPS
+from megatron_papo.models.vision.config import NORM_EPS
 
 
 class PatchMerger(MegatronModule):
     """[patches, 1, hidden] -> [patches / merge_unit, out_hidden_size].
 
-    RMSNorm each patch, concatenate each group of ``merge_unit`` consecutive patches (one 2x2 block in
-    window order), then Linear (column-parallel) -> GELU -> Linear (row-parallel): transformers'
-    ``Qwen2_5_VLPatchMerger``.
+    Normalize, concatenate each group of ``merge_unit`` consecutive patches (one 2x2 block), then Linear
+    (column-parallel) -> GELU -> Linear (row-parallel). The norm is the vision config's (``RMSNorm`` in
+    transformers' ``Qwen2_5_VLPatchMerger``, ``LayerNorm`` in ``Qwen3VLVisionPatchMerger``), over each patch
+    or, with ``postshuffle_norm`` (Qwen3-VL's DeepStack mergers), over each concatenated group.
     """
 
-    def __init__(self, config: TransformerConfig, merge_unit: int, out_hidden_size: int) -> None:
+    def __init__(
+        self, config: TransformerConfig, merge_unit: int, out_hidden_size: int, postshuffle_norm: bool = False
+    ) -> None:
         super().__init__(config)
         self.width = config.hidden_size * merge_unit
-        self.ln_q = torch.nn.RMSNorm(config.hidden_size, eps=RMS_EPS, dtype=config.params_dtype)
+        self.postshuffle_norm = postshuffle_norm
+        norm = torch.nn.LayerNorm if config.normalization == "LayerNorm" else torch.nn.RMSNorm
+        normalized = self.width if postshuffle_norm else config.hidden_size
+        self.ln_q = norm(normalized, eps=NORM_EPS, dtype=config.params_dtype)
         self.fc1 = ColumnParallelLinear(
             self.width,
             self.width,
@@ -42,7 +48,10 @@ class PatchMerger(MegatronModule):
         )
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        grouped = self.ln_q(hidden_states).view(-1, 1, self.width)
+        if self.postshuffle_norm:
+            grouped = self.ln_q(hidden_states.view(-1, 1, self.width))
+        else:
+            grouped = self.ln_q(hidden_states).view(-1, 1, self.width)
         intermediate, _ = self.fc1(grouped)
         out, _ = self.fc2(F.gelu(intermediate))
         return out.squeeze(1)
