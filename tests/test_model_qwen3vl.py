@@ -7,8 +7,8 @@ tokens within 1e-4 (every weight jittered, so no bias or norm is left at 0 or 1)
 DeepStack maps feed LM layers 0 and 1, so at PP=2 the second map crosses the stage boundary (the test
 checks that it does, and that the vision tower's gradients through it, a fixed random probe of the
 logits backpropagated through megatron-core's schedule, equal transformers'); a batch without images
-runs at every layout too. At TP=2 x PP=2 the exported weights equal transformers' ``state_dict()``
-bitwise, key for key.
+runs at every layout too. At TP=2 x PP=2 the exported weights (streamed in 16 KiB pieces, several per
+tensor) equal transformers' ``state_dict()`` bitwise, key for key.
 """
 
 from functools import partial
