@@ -1,6 +1,7 @@
 """tools/convert_checkpoint.py on Qwen3-VL: HF -> megatron saved at TP=2 x PP=2 -> HF loaded at TP=1 and at
 PP=2 is bitwise, with exactly the keys of transformers' ``Qwen3VLForConditionalGeneration.state_dict()``
-(Qwen3-VL checkpoint files use those names) and the source's non-weight files; transformers loads it."""
+(Qwen3-VL checkpoint files use those names) and the source's non-weight files; transformers loads it.
+The vLLM directory sync writes the same names."""
 
 import filecmp
 import os
@@ -36,3 +37,14 @@ def test_round_trip_resharded_is_bitwise(converted, layout, tmp_path):
     assert [k for k in source if not torch.equal(source[k], exported[k])] == []
     others = [f for f in os.listdir(tiny) if not f.endswith(".safetensors")]
     assert sorted(filecmp.cmpfiles(tiny, out, others, shallow=False)[0]) == sorted(others)
+
+
+def test_vllm_directory_sync_keeps_the_state_dict_names(tmp_path):
+    from megatron_papo.rollout.vllm_sync import write_weight_directory
+
+    tiny = jittered_tiny_qwen3vl(str(tmp_path / "tiny"), tie_word_embeddings=False)
+    source, out = _tensors(tiny), str(tmp_path / "sync")
+    write_weight_directory(source.items(), out, tiny, tied=False, bucket_bytes=1 << 30)
+    exported = _tensors(out)
+    assert set(exported) == set(source)
+    assert [k for k in source if not torch.equal(source[k], exported[k])] == []
