@@ -212,7 +212,18 @@ def main() -> None:
         convert = [sys.executable, os.path.join(ROOT, "tools/convert_checkpoint.py"), "hf-to-mcore"]
         seconds, _ = _timed([*convert, "--hf-dir", source, "--out", ckpt, "--tp", str(tp), "--pp", str(pp)])
         print(f"{layout} hf-to-mcore: {seconds:.0f} s")
-        rank = [__file__, "--buffer-mib", str(args.buffer_mib), "--rank", ckpt, os.path.join(ckpt, "hf"), out]
+        # the source directory: its config for the model, its tensor names for the sync's check
+        rank = [
+            __file__,
+            "--work",
+            args.work,
+            "--buffer-mib",
+            str(args.buffer_mib),
+            "--rank",
+            ckpt,
+            source,
+            out,
+        ]
         rank.append(sync if i == 0 else "-")
         torchrun = [
             sys.executable,
