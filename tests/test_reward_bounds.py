@@ -1,6 +1,7 @@
 """Rewards cannot stall a step: adversarial answers are graded in linear time or killed at the per-response
 timeout of the reward worker pool (``megatron_papo.rewards.pool``); responses are cut before parsing."""
 
+import os
 import time
 
 import pytest
@@ -10,6 +11,7 @@ from megatron_papo.rewards.config import RewardConfig
 from megatron_papo.rewards.format import format_reward
 from megatron_papo.rewards.pool import RewardError, RewardPool
 from megatron_papo.rewards.registry import RewardOutput
+from megatron_papo.training.preemption import EXIT_SIGNALS
 
 THINK = "<think>x</think> "
 ADVERSARIAL = {
@@ -64,6 +66,7 @@ import os
 import time
 
 from megatron_papo.rewards.registry import RewardOutput
+from megatron_papo.training.preemption import EXIT_SIGNALS
 
 
 def length(response, answer, answer_type):
@@ -98,6 +101,17 @@ def test_pool_cuts_responses_kills_stuck_and_dead_workers_and_raises_reward_bugs
     with pytest.raises(RewardError, match="user_reward.py:broken failed on a response: TypeError: .*0.5"):
         broken.grade([("x", "y", "math")])
     assert broken.workers == []
+
+
+def test_pool_workers_outlive_the_job_wide_signals(pool):
+    """SLURM signals every process of a job step (``scancel --signal``, the time-limit signal): the
+    workers keep grading, and the step the trainer finishes before it stops has its real rewards."""
+    expected = pool.grade([(THINK + "\\boxed{3}", "3", "math")] * 2)
+    for worker in pool.workers:
+        for sig in EXIT_SIGNALS:
+            os.kill(worker.proc.pid, sig)
+    assert pool.grade([(THINK + "\\boxed{3}", "3", "math")] * 2) == expected
+    assert expected[0].accuracy == 1.0 and pool.take_stats()["reward/timeouts"] == 0.0
 
 
 def test_reward_bounds_are_checked():

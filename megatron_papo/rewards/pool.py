@@ -6,19 +6,21 @@ response cut to its first ``reward.max_response_chars`` characters. A worker tha
 ``reward.timeout_s`` seconds after it got a response is killed (SIGKILL) and replaced; the response
 scores 0 (score, accuracy and format) and counts in ``reward/timeouts``. A worker that dies counts the
 same. An exception of the reward function itself (a wrong return type, a bug) stops the run, as it would
-in the trainer's process.
+in the trainer's process. The workers ignore SIGTERM and SIGUSR1, which a scheduler sends to every process
+of a job: the trainer stops at its next step boundary, with the step's rewards graded.
 """
 
 from __future__ import annotations
 
+import atexit
 import multiprocessing as mp
-import signal
 import time
 from collections import deque
 from multiprocessing.connection import Connection, wait
 
 from megatron_papo.rewards.config import RewardConfig
 from megatron_papo.rewards.registry import RewardFn, RewardOutput, build_reward_fn
+from megatron_papo.training.preemption import ignore_exit_signals
 
 Item = tuple[str, str, str]  # response, answer, answer_type
 ZERO = RewardOutput(0.0, 0.0, 0.0)
@@ -30,8 +32,9 @@ class RewardError(RuntimeError):
 
 def _serve(conn: Connection, fn: RewardFn) -> None:
     """A worker: grade each item received, send back ("ok", RewardOutput) or ("error", message)."""
-    for sig in (signal.SIGTERM, signal.SIGUSR1):  # the trainer's handlers are not the worker's
-        signal.signal(sig, signal.SIG_DFL)
+    # a job-wide SIGTERM / SIGUSR1 (srun, scancel --signal, a preempting scheduler) is the trainer's to act
+    # on: it finishes the step, grading included, and saves; the pool stops its workers with SIGKILL
+    ignore_exit_signals()
     while True:
         try:
             item = conn.recv()
@@ -73,6 +76,8 @@ class RewardPool:
         self.workers: list[_Worker] = []
         self.time_s = 0.0
         self.timeouts = 0
+        # before multiprocessing's own exit handler, whose SIGTERM the workers ignore
+        atexit.register(self.close)
 
     def grade(self, items: list[Item]) -> list[RewardOutput]:
         """The reward of each item, in order; items graded concurrently, each within ``cfg.timeout_s``."""
