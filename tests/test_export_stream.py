@@ -82,7 +82,8 @@ def _export(hf_dir: str, out_dir: str) -> int:
 def test_tp2_pp2_export_stays_within_its_buffer_and_is_bitwise(tiny_model, tmp_path):
     tiny = tiny_model
     moved = run_distributed(_export, 4, tiny, str(tmp_path / "out"), tp=2, pp=2)
-    assert 0 < max(moved) <= BUFFER, moved
+    # half the buffer per collective: two chunks are in flight on a receiving rank (layouts.pieces)
+    assert 0 < max(moved) <= BUFFER // 2, moved
     source, exported = (
         load_file(f"{tiny}/model.safetensors"),
         load_file(str(tmp_path / "out/model.safetensors")),

@@ -102,14 +102,16 @@ def pieces(
     params: Mapping[str, torch.Tensor], layouts: Mapping[str, Layout], buffer_bytes: int, to_first: bool
 ) -> Iterator[Piece]:
     """The HF rows of ``params``, gathered over TP ``buffer_bytes`` at a time: the shard's rows in chunks
-    whose gather from every TP rank and whose assembled HF rows fit in ``buffer_bytes`` together (at least
-    one row). ``to_first``: only TP rank 0 gets pieces, else every rank. A TP collective."""
+    whose gather from every TP rank and whose assembled HF rows fit in half of ``buffer_bytes`` together
+    (at least one row): a chunk is gathered while the previous one's pieces are still referenced (by this
+    generator's locals and its consumer's loop variable), so two are in flight. ``to_first``: only TP
+    rank 0 gets pieces, else every rank. A TP collective."""
     tp, rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
     for name, layout in layouts.items():
         shard = params[name].detach()
         shapes = hf_shapes(layout, shard.shape, tp)
         rank_blocks = [blocks(layout, len(shard), r) for r in range(tp if layout.split == "rows" else 1)]
-        step = max(1, buffer_bytes // (2 * tp * shard[:1].numel() * shard.element_size()))
+        step = max(1, buffer_bytes // (4 * tp * shard[:1].numel() * shard.element_size()))
         for start in range(0, len(shard), step):
             chunk = shard[start : start + step]
             if layout.split == "none":
