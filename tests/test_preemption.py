@@ -213,6 +213,10 @@ def _job(slurm, job):
     return dict(re.findall(r"(\w+)=(\S*)", show.stdout))
 
 
+# the states a job ends in (squeue's "job state codes"); the relaunch's COMPLETING or RUNNING are not
+ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE")
+
+
 def _wait_for_job(slurm, job, done, timeout=600):
     deadline = time.monotonic() + timeout
     while not done(info := _job(slurm, job)):
@@ -235,10 +239,10 @@ def test_a_signalled_slurm_job_requeues_and_continues_bitwise(slurm, tmp_path, t
     try:
         _wait_for_step(out, 1, lambda: _job(slurm, job).get("JobState") in ("PENDING", "RUNNING"))
         subprocess.run(["scancel", "--signal=USR1", job], env=slurm, check=True)
-        # requeued: SLURM holds a requeued job back for a while (its credential lifetime); start it now
+        # requeued, it starts again once its old credential has expired (slurm_local.sh: 15 s; starting it
+        # earlier with `scontrol update StartTime=now` races the revocation: "Job credential revoked")
         _wait_for_job(slurm, job, lambda i: i.get("JobState") == "PENDING" and i.get("Restarts") == "1")
-        subprocess.run(["scontrol", "update", f"jobid={job}", "StartTime=now"], env=slurm, check=True)
-        info = _wait_for_job(slurm, job, lambda i: i.get("JobState") not in ("PENDING", "RUNNING"))
+        info = _wait_for_job(slurm, job, lambda i: i.get("JobState") in ENDED)
     finally:
         subprocess.run(["scancel", job], env=slurm)
     output = log.read_text()

@@ -52,6 +52,8 @@ SlurmctldHost=localhost
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
+# a requeued job waits out its old credential before it starts again (default 120 s)
+AuthInfo=cred_expire=15
 CredType=cred/munge
 MpiDefault=none
 ProctrackType=proctrack/linuxproc
