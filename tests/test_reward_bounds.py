@@ -1,6 +1,7 @@
 """Rewards cannot stall a step: adversarial answers are graded in linear time or killed at the per-response
 timeout of the reward worker pool (``megatron_papo.rewards.pool``); responses are cut before parsing."""
 
+import multiprocessing
 import os
 import time
 
@@ -112,6 +113,21 @@ def test_pool_workers_outlive_the_job_wide_signals(pool):
             os.kill(worker.proc.pid, sig)
     assert pool.grade([(THINK + "\\boxed{3}", "3", "math")] * 2) == expected
     assert expected[0].accuracy == 1.0 and pool.take_stats()["reward/timeouts"] == 0.0
+
+
+def _grade_in_a_child() -> None:
+    RewardPool(RewardConfig(timeout_s=TIMEOUT_S)).grade([(THINK + "\\boxed{3}", "3", "math")])
+
+
+def test_a_process_that_used_a_pool_exits():
+    """multiprocessing's exit handler stops daemon children with SIGTERM, which the workers ignore, and
+    then waits for them: the pool's own finalizer must have killed them before (a training rank forked by
+    torchrun or the tests' fork server would otherwise never exit)."""
+    child = multiprocessing.get_context("fork").Process(target=_grade_in_a_child)
+    child.start()
+    child.join(timeout=60)
+    assert child.exitcode == 0
+    child.kill()
 
 
 def test_reward_bounds_are_checked():

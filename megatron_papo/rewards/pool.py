@@ -12,8 +12,8 @@ of a job: the trainer stops at its next step boundary, with the step's rewards g
 
 from __future__ import annotations
 
-import atexit
 import multiprocessing as mp
+import multiprocessing.util
 import time
 from collections import deque
 from multiprocessing.connection import Connection, wait
@@ -76,8 +76,9 @@ class RewardPool:
         self.workers: list[_Worker] = []
         self.time_s = 0.0
         self.timeouts = 0
-        # before multiprocessing's own exit handler, whose SIGTERM the workers ignore
-        atexit.register(self.close)
+        # the workers ignore the SIGTERM with which multiprocessing's exit handler stops daemon processes
+        # (it would then wait for them forever): a finalizer it runs first kills them
+        mp.util.Finalize(None, self.close, exitpriority=10)
 
     def grade(self, items: list[Item]) -> list[RewardOutput]:
         """The reward of each item, in order; items graded concurrently, each within ``cfg.timeout_s``."""
