@@ -8,6 +8,8 @@ from megatron_papo.config import TrainConfig
 from megatron_papo.console import debug_mode, run_log_path
 from megatron_papo.parallel import LaunchEnv
 
+ARCH_NAMES = {"qwen2_5_vl": "Qwen2.5-VL", "qwen3_vl": "Qwen3-VL"}  # by the HF config's model_type
+
 
 def _data(cfg: TrainConfig, out_dir: str) -> str:
     data = cfg.data
@@ -47,8 +49,9 @@ def describe_run(
     logs = "on the console" if debug_mode() else f"{logs}/ (MEGATRON_PAPO_DEBUG=1: on the console)"
     lines = [
         f"megatron-papo: {headline}",
-        f"  model    {cfg.model.hf_path}: Qwen2.5-VL (language {text.num_hidden_layers} layers, hidden "
-        f"{text.hidden_size}; vision {vision.depth} layers, hidden {vision.hidden_size}), {cfg.model.dtype}",
+        f"  model    {cfg.model.hf_path}: {ARCH_NAMES[hf_config.model_type]} (language "
+        f"{text.num_hidden_layers} layers, hidden {text.hidden_size}; vision {vision.depth} layers, hidden "
+        f"{vision.hidden_size}), {cfg.model.dtype}",
         f"  layout   {launch.world_size} process{'es' if launch.world_size > 1 else ''} "
         f"({launch.launcher}; {backend}): TP {tp} x PP {pp} x DP {dp}",
         f"  data     {_data(cfg, out)}",
