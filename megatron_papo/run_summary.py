@@ -6,9 +6,8 @@ import os
 
 from megatron_papo.config import TrainConfig
 from megatron_papo.console import debug_mode, run_log_path
+from megatron_papo.models.config import MODEL_TYPES
 from megatron_papo.parallel import LaunchEnv
-
-ARCH_NAMES = {"qwen2_5_vl": "Qwen2.5-VL", "qwen3_vl": "Qwen3-VL"}  # by the HF config's model_type
 
 
 def _data(cfg: TrainConfig, out_dir: str) -> str:
@@ -49,7 +48,7 @@ def describe_run(
     logs = "on the console" if debug_mode() else f"{logs}/ (MEGATRON_PAPO_DEBUG=1: on the console)"
     lines = [
         f"megatron-papo: {headline}",
-        f"  model    {cfg.model.hf_path}: {ARCH_NAMES[hf_config.model_type]} (language "
+        f"  model    {cfg.model.hf_path}: {MODEL_TYPES[hf_config.model_type]} (language "
         f"{text.num_hidden_layers} layers, hidden {text.hidden_size}; vision {vision.depth} layers, hidden "
         f"{vision.hidden_size}), {cfg.model.dtype}",
         f"  layout   {launch.world_size} process{'es' if launch.world_size > 1 else ''} "

@@ -17,7 +17,8 @@ from transformers import AutoConfig
 from megatron_papo.config_io import check_choices
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-MODEL_TYPES = ("qwen2_5_vl", "qwen3_vl")  # the HF config's model_type values megatron-papo builds
+# the HF config's model_type values megatron-papo builds, and the architecture each names
+MODEL_TYPES = {"qwen2_5_vl": "Qwen2.5-VL", "qwen3_vl": "Qwen3-VL"}
 
 
 @dataclass
