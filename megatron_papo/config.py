@@ -85,6 +85,9 @@ class EvalConfig:
     max_prompts: int = 0  # 0: the whole test split
     n: int = 1  # samples per prompt (avg@n)
     at_start: bool = False  # evaluate before the first step too (a step-0 row): the before / after pair
+    # sampling seed of the evaluation (and so of its responses); None: ``trainer.seed``. One value shared by
+    # the evaluations of several runs makes them comparable (the same draws for every model)
+    seed: int | None = None
 
     def __post_init__(self) -> None:
         if self.interval < 0 or self.max_prompts < 0 or self.n < 1:

@@ -35,9 +35,11 @@ def _request_images(
     return source.masked_rgb_images(prompt, EVAL_MASK_STEP) if backend == "vllm" else None
 
 
-def evaluate(cfg: TrainConfig, policy: Policy, seed: int) -> dict[str, float]:
+def evaluate(cfg: TrainConfig, policy: Policy) -> dict[str, float]:
     """avg@``eval.n`` accuracy and format rate over the test split (or its first ``eval.max_prompts``),
-    overall and per subset tag of the prompts (``EvalTally.metrics``)."""
+    overall and per subset tag of the prompts (``EvalTally.metrics``); sampled with ``eval.seed`` (else
+    ``trainer.seed``)."""
+    seed = cfg.trainer.seed if cfg.eval.seed is None else cfg.eval.seed
     dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
     source = PromptSource(
         cfg.model.hf_path,

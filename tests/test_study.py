@@ -58,7 +58,14 @@ def test_smoke_study_end_to_end(tmp_path):
         for line in (out / "rl" / "papo_g_masked_s1" / "metrics.jsonl").read_text().splitlines()
     ]
     assert [r["step"] for r in papo] == [1, 2] and all("papo/kl_prc" in r for r in papo)
+    # each run evaluates its final policy in its own launch, sampled as the SFT start's evaluation
+    assert "eval/accuracy" not in papo[0]
+    assert results["evals"]["papo_g_masked_s1"] == {
+        k: v for k, v in papo[-1].items() if k.startswith("eval/")
+    } | {"step": 2}
+    sft_eval = (out / "eval" / "sft" / "config.in.yaml").read_text()
+    assert "seed: 1234" in sft_eval and "max_new_tokens: 16" in sft_eval
     assert (out / "sft" / "hf" / "model.safetensors").exists()
 
     again = _study(out)
-    assert again.count("skipped") == 7 and "start (" not in again
+    assert again.count("skipped") == 5 and "start (" not in again

@@ -6,10 +6,12 @@
 
 Stages, each skipped when its output exists (a rerun resumes; an interrupted run continues from its
 checkpoint): data -> random Qwen2.5-VL-shaped model -> SFT -> RL runs (method x seed, and the
-KL_prc-hacking demo: PAPO-G with a large gamma) -> ``megatron-papo eval`` (original and masked images)
-of the SFT policy and of every run -> ``results.md`` (table), ``results.json`` and plots.
-A size is a YAML file beside this script (``StudySize``); its ``sft`` / ``rl`` / ``eval`` / ``hacking``
-sections are TrainConfig sections merged over ``base.yaml``. Each run's exact config is written into
+KL_prc-hacking demo: PAPO-G with a large gamma), each evaluating its final policy on the test split with
+original and masked images at its last step -> ``megatron-papo eval`` of the SFT policy with the same
+settings -> ``results.md`` (table), ``results.json`` and plots.
+A size is a YAML file beside this script (``StudySize``); its ``sft`` / ``rl`` / ``hacking`` sections are
+TrainConfig sections merged over ``base.yaml``, ``eval`` the TrainConfig ``eval`` section (generation as
+in ``rl``). Each run's exact config is written into
 its directory as ``config.in.yaml`` and launched with ``torchrun ... megatron_papo.cli``.
 """
 
@@ -34,7 +36,7 @@ from typing import Any
 import yaml
 from safetensors import safe_open
 
-from megatron_papo.config import load_train_config
+from megatron_papo.config import TrainerConfig, load_train_config
 from megatron_papo.config_io import load_config
 from megatron_papo.data.config import SyntheticConfig
 from megatron_papo.data.synthetic import SUBSET_TAGS, write_synthetic
@@ -78,12 +80,20 @@ class StudySize:
     seeds: list[int]
     sft: dict[str, Any] = field(default_factory=dict)
     rl: dict[str, Any] = field(default_factory=dict)
-    eval: dict[str, Any] = field(default_factory=dict)
+    eval: dict[str, Any] = field(default_factory=dict)  # the ``eval`` section (max_prompts, n)
     hacking: dict[str, Any] = field(default_factory=dict)  # merged over ``rl``
     # methods beyond the presets: name -> sections merged over ``rl`` (they set ``algorithm.name``)
     variants: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # a method run with other seeds than ``seeds`` (a variant kept to fewer seeds to fit the time budget)
+    method_seeds: dict[str, list[int]] = field(default_factory=dict)
     nproc: int = 1  # processes per run (tensor parallel size times data parallel size)
     jobs: int = 1  # RL runs and evaluations at once (each with 1 / jobs of the CPU threads)
+
+    def seeds_of(self, method: str) -> list[int]:
+        return self.method_seeds.get(method, self.seeds)
+
+    def method_runs(self, method: str) -> list[str]:
+        return [f"{method}_s{s}" for s in self.seeds_of(method)]
 
 
 def merge(base: dict[str, Any], *updates: dict[str, Any]) -> dict[str, Any]:
@@ -124,7 +134,7 @@ class Study:
 
     @property
     def runs(self) -> list[str]:
-        runs = [f"{m}_s{s}" for m in self.size.methods for s in self.size.seeds]
+        runs = [r for m in self.size.methods for r in self.size.method_runs(m)]
         return runs + ([HACKING_RUN] if self.hacking_demo else [])
 
     # ---------------------------------------------------------------- stages
@@ -194,23 +204,39 @@ class Study:
         sections = self.size.variants.get(method, {"algorithm": {"name": method}})
         return merge(self.size.rl, sections, {"trainer": {"seed": int(seed)}})
 
-    def evaluate(self, name: str, checkpoint: str | None) -> None:
+    def evaluate_sft(self) -> None:
+        """``megatron-papo eval`` of the SFT policy (``eval/sft.json``)."""
+        name = "sft"
         out = self.path("eval", f"{name}.json")
         if os.path.exists(out):
             self.log(f"eval {name}: done before, skipped")
             return
-        sections = merge(self.size.eval, {"model": {"hf_path": self.path("sft", "hf")}})
-        config = self.run_config(self.path("eval", name), merge(sections, {"trainer": {"seed": EVAL_SEED}}))
-        args = ["eval", "--config", config, "--output", out] + (
-            ["--checkpoint", checkpoint] if checkpoint else []
-        )
+        sections = {
+            "model": {"hf_path": self.path("sft", "hf")},
+            "rollout": self.size.rl.get("rollout", {}),  # sampled as the RL runs' final evaluations
+            "eval": merge(self.size.eval, {"seed": EVAL_SEED}),
+        }
+        config = self.run_config(self.path("eval", name), sections)
+        args = ["eval", "--config", config, "--output", out]
         self.launch(f"eval {name}", args, self.path("eval", name, "log.txt"))
 
     def rl(self, run: str) -> None:
+        """Train ``run``; a method run evaluates its final policy inside the same launch (the size's
+        ``eval`` settings at the last step, the shared ``EVAL_SEED``), saved as ``eval/RUN.json``."""
         sections = merge(self.rl_sections(run), {"model": {"hf_path": self.path("sft", "hf")}})
-        self.train(f"rl/{run}", "train", sections)
-        if run != HACKING_RUN:
-            self.evaluate(run, self.path("rl", run, "checkpoints"))
+        if run == HACKING_RUN:
+            self.train(f"rl/{run}", "train", sections)
+            return
+        steps = merge(self.base, sections).get("trainer", {}).get("steps", TrainerConfig.steps)
+        final_eval = merge(self.size.eval, {"interval": steps, "seed": EVAL_SEED})
+        self.train(f"rl/{run}", "train", merge(sections, {"eval": final_eval}))
+        out = self.path("eval", f"{run}.json")
+        if not os.path.exists(out):
+            last = read_metrics(self.path("rl", run, "metrics.jsonl"))[-1]
+            results = {k: v for k, v in last.items() if k.startswith("eval/")} | {"step": last["step"]}
+            os.makedirs(os.path.dirname(out), exist_ok=True)
+            with open(out, "w", encoding="utf-8") as f:
+                json.dump(results, f, indent=1)
 
     def warm_start(self) -> str:
         """Data, the random model and its SFT warm start; returns the SFT's HF directory."""
@@ -227,7 +253,7 @@ class Study:
         # methods from the cheapest (GRPO) to the dearest (PAPO-D: an extra pass and dynamic-sampling tries)
         with ThreadPoolExecutor(self.size.jobs) as pool:
             futures = [pool.submit(self.rl, r) for r in reversed(self.runs)]
-            futures.append(pool.submit(self.evaluate, "sft", None))
+            futures.append(pool.submit(self.evaluate_sft))
             for future in futures:
                 future.result()
         report = Report(self)
@@ -272,9 +298,7 @@ class Report:
                     self.evals[name] = json.load(f)
         self.metrics = {run: read_metrics(study.path("rl", run, "metrics.jsonl")) for run in study.runs}
         # the table's rows: the SFT start, then each method over its seeds
-        self.groups = {"sft": ["sft"]} | {
-            m: [f"{m}_s{s}" for s in study.size.seeds] for m in study.size.methods
-        }
+        self.groups = {"sft": ["sft"]} | {m: study.size.method_runs(m) for m in study.size.methods}
 
     def eval_stats(self, runs: list[str], key: str) -> tuple[float, float] | None:
         values = [self.evals[r][key] for r in runs if key in self.evals.get(r, {})]
@@ -312,7 +336,8 @@ class Report:
     def summary(self) -> dict[str, Any]:
         """``summary.json``: the SFT start and every run's test accuracies (fractions)."""
         runs = []
-        for method, seed in ((m, s) for m in self.study.size.methods for s in self.study.size.seeds):
+        size = self.study.size
+        for method, seed in ((m, s) for m in size.methods for s in size.seeds_of(m)):
             ev = self.evals.get(f"{method}_s{seed}")
             if ev:
                 runs.append(
@@ -453,13 +478,14 @@ class Report:
         runs = [r for r in study.runs if r != HACKING_RUN]
         plot([study.path("rl", r, "metrics.jsonl") for r in runs], study.path("curves.png"))
         for seed in study.size.seeds:  # every method on the same prompts at each step
-            seed_runs = [f"{m}_s{seed}" for m in study.size.methods]
+            seed_runs = [f"{m}_s{seed}" for m in study.size.methods if seed in study.size.seeds_of(m)]
             plot([study.path("rl", r, "metrics.jsonl") for r in seed_runs], study.path(f"curves_s{seed}.png"))
         self.plot_accuracy(study.path("accuracy.png"))
         lines = [
             f"# Synthetic-shapes study ({study.out})",
             "",
-            f"Methods {study.size.methods}, seeds {study.size.seeds}, from the same SFT checkpoint. "
+            f"Methods {study.size.methods}, seeds {study.size.seeds} "
+            f"{study.size.method_seeds or ''}, from the same SFT checkpoint. "
             "Test accuracy: mean ± std over seeds (percent), avg@n sampling; masked: the same test prompts "
             "with PAPO's masked images. Train columns: mean of the last 3 steps' metrics.",
             "",
