@@ -26,12 +26,15 @@ for the update) over time x ranks x peak. Peak: ``--peak-tflops`` per rank (defa
 dense, 989), on CPU a measured large matmul in the bench's dtype, run on all ranks at once.
 ``mfu_fwdbwd``: the update's forward + backward alone (without the optimizer step).
  Peak memory, the largest rank's: ``torch.cuda.max_memory_allocated``,
-on CPU the resident set's high-water mark (``VmHWM``, reset before each variant).
+on CPU the resident set's high-water mark (``VmHWM``, reset before each variant); ``step_MiB``: how far
+that peak rose above the memory at the step's start (allocated; on CPU resident, after handing malloc's
+freed blocks back): what the step's activations, logits and gradients needed.
 
     python bench/step.py --size tiny                                    # CPU, seconds
     torchrun --nproc_per_node 2 bench/step.py --size tiny               # gloo, DP=2 (or --tp 2, --pp 2)
     python bench/step.py --size 3b --seq-length 2048                    # one GPU, bfloat16
     python bench/step.py --size tiny --lengths long-tail --pack both --on-policy
+    python bench/step.py --size small --lengths long-tail --pack both --on-policy   # packing at ~19M
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ from megatron_papo.objectives.registry import build_objective
 from megatron_papo.papo.config import AlgorithmConfig
 from megatron_papo.parallel import ParallelConfig, destroy_distributed, initialize_distributed
 from megatron_papo.parallel.device import current_device
+from megatron_papo.parallel.host_memory import release_freed_memory
 from megatron_papo.planner.architectures import QWEN2_5_VL, LanguageArch, ModelArch, VisionArch
 from megatron_papo.planner.flops import language_forward_flops, vision_forward_flops
 from megatron_papo.policy import Policy
@@ -76,9 +80,20 @@ SIZES = {
         LanguageArch(2, 128, 4, 2, 256, 512, tie_embeddings=True, head_dim=32),
         VisionArch(2, 64, 2, 128, 128, window_size=56, fullatt_block_indexes=(1,)),
     ),
+    # ~19M parameters, most of them the 32k-token vocabulary (its head's matmul and logits dominate a
+    # token's cost, as the 152k vocabulary does at 3B): a size where a CPU step is the model's matmuls
+    "small": ModelArch(
+        "small",
+        LanguageArch(4, 384, 6, 2, 1024, 32768, tie_embeddings=True, head_dim=64),
+        VisionArch(2, 128, 4, 256, 384, window_size=56, fullatt_block_indexes=(1,)),
+    ),
     "3b": QWEN2_5_VL["qwen2_5_vl_3b"],
 }
-DEFAULTS = {"tiny": dict(seq_length=256, image_size=56), "3b": dict(seq_length=2048, image_size=448)}
+DEFAULTS = {
+    "tiny": dict(seq_length=256, image_size=56),
+    "small": dict(seq_length=512, image_size=56),
+    "3b": dict(seq_length=2048, image_size=448),
+}
 PROMPT_TEXT = 32  # text tokens of a prompt after its image; the response fills the rest
 HEADER = (
     "variant",
@@ -90,6 +105,7 @@ HEADER = (
     "mfu_step",
     "mfu_fwdbwd",
     "peak_MiB",
+    "step_MiB",
     "vs_grpo",
 )
 PACKING_HEADER = ("pad_frac", "vs_padded", "fwd_ms", "floor")
@@ -278,12 +294,17 @@ def forward_passes(algo: AlgorithmConfig, on_policy: bool) -> tuple[int, int]:
     return log_prob, 3 * (2 if objective.masked_logits_in_update else 1)
 
 
-def _reset_peak_memory() -> None:
+def _reset_peak_memory() -> int:
+    """Reset the peak; return the memory it starts from (CUDA: allocated; CPU: resident, once the freed
+    blocks malloc keeps are handed back, so that a step's peak over it is what the step needed)."""
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    else:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets the resident set's high-water mark (Linux >= 4.0)
+        return torch.cuda.memory_allocated()
+    release_freed_memory()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets the resident set's high-water mark (Linux >= 4.0)
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
 
 
 def _peak_memory() -> int:
@@ -311,8 +332,10 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--size", choices=list(SIZES), default="tiny")
-    parser.add_argument("--seq-length", type=int, help="tokens per sequence (tiny: 256, 3b: 2048)")
-    parser.add_argument("--image-size", type=int, help="image side in pixels (tiny: 56, 3b: 448)")
+    parser.add_argument(
+        "--seq-length", type=int, help="tokens per sequence (tiny: 256, small: 512, 3b: 2048)"
+    )
+    parser.add_argument("--image-size", type=int, help="image side in pixels (tiny: 56, small: 56, 3b: 448)")
     parser.add_argument("--micro-batch-size", type=int, default=1)
     parser.add_argument("--micro-batches", type=int, default=2, help="per data-parallel rank and step")
     parser.add_argument("--mini-batches", type=int, default=1, help="optimizer steps per step")
@@ -421,7 +444,7 @@ def run(
     seqs = to_device(seqs, device)
     samples: dict[str, list[list[float]] | None] = {name: [] for name in named}
     forward: dict[bool, list[float]] = {packed: [] for packed in packings(args)}
-    peaks = dict.fromkeys(named, 0.0)
+    peaks = {name: [0.0, 0.0] for name in named}  # peak, and its rise over the step's start
     for round_ in range(rounds):
         for packed in forward:
             cfg.trainer.pack_sequences = packed
@@ -433,21 +456,22 @@ def run(
             if samples[name] is None:
                 continue
             cfg.algorithm, cfg.trainer.pack_sequences = algo, packed
-            _reset_peak_memory()
+            start = _reset_peak_memory()
             try:
                 phases = timed_step(cfg, policy, seqs, args.on_policy)
             except torch.OutOfMemoryError:  # one GPU: with more ranks the others would wait in a collective
                 samples[name] = None
                 torch.cuda.empty_cache()
                 continue
-            stats = torch.tensor([*phases, _peak_memory()], dtype=torch.float64, device=device)
+            peak = _peak_memory()
+            stats = torch.tensor([*phases, peak, peak - start], dtype=torch.float64, device=device)
             dist.all_reduce(stats, op=dist.ReduceOp.MAX)
-            *phases, peak = stats.tolist()
-            peaks[name] = max(peaks[name], peak)
+            *phases, peak, rise = stats.tolist()
+            peaks[name] = [max(peaks[name][0], peak), max(peaks[name][1], rise)]
             if round_ >= args.warmup:
                 samples[name].append([sum(phases), *phases])
     results = {
-        name: None if runs is None else [*map(statistics.median, zip(*runs, strict=True)), peaks[name]]
+        name: None if runs is None else [*map(statistics.median, zip(*runs, strict=True)), *peaks[name]]
         for name, runs in samples.items()
     }
     return results, {k: statistics.median(v) for k, v in forward.items()}, work, grid
@@ -494,7 +518,7 @@ def report(
             print(_row([name] + ["OOM"] * (len(header) - 1)))
             continue
         algo, packed = variants(args)[name]
-        *seconds, memory = figures
+        *seconds, memory, rise = figures
         step_s, _, fwd_bwd_s, _ = seconds
         baseline = results["grpo/packed" if packed else "grpo"]
         log_prob_passes, update_passes = forward_passes(algo, on_policy)
@@ -503,6 +527,7 @@ def report(
             f"{(log_prob_passes + update_passes) * work.forward_flops / step_s / peak:.4f}",
             f"{update_passes * work.forward_flops / fwd_bwd_s / peak:.4f}",
             f"{memory / MIB:.1f}",
+            f"{rise / MIB:.1f}",
             f"{step_s / baseline[0]:.3f}" if baseline else "-",
         ]
         if args.pack != "off":

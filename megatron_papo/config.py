@@ -41,7 +41,7 @@ class TrainerConfig:
     update_batch_size: int = 128
     micro_batch_size: int = 4
     ppo_epochs: int = 1
-    pack_sequences: bool = False  # exact (tests/test_packing*.py); to be the default after a suite run
+    pack_sequences: bool = True
     max_tokens_per_micro_batch: int = 0
     exit_after_steps: int = 0  # stop this invocation after N steps with a checkpoint (SLURM time limits)
     # stop after the step during which this many minutes passed, with a checkpoint and exit status 75
