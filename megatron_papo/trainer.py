@@ -31,9 +31,10 @@ weights that sampled it; the step logs their staleness (``rollout/staleness``) a
 generated ahead are dropped and, on resume, generated again from the same prompts. With s = 0 none of this
 runs: the loop is the synchronous one.
 
-With an engine that reports log-probs (vLLM servers) the gap between its log-probs and the trainer's
-pre-update ones is logged each step (``rollout/logprob_mismatch``), and ``rollout.tis_cap`` turns on the
-truncated importance-sampling correction of the policy-gradient term.
+With an engine that reports log-probs (vLLM servers; the embedded engine with ``rollout.tis_cap`` or
+``max_staleness`` > 0) the gap between its log-probs and the trainer's pre-update ones is logged each step
+(``rollout/logprob_mismatch``, ``rollout/is_weight_*``), and ``rollout.tis_cap`` turns on the truncated
+importance-sampling correction of the policy-gradient term.
 """
 
 from __future__ import annotations
