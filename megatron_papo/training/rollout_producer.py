@@ -104,15 +104,18 @@ class RolloutProducer(Generic[T]):
         self._thread.join(timeout_s)
 
     def _idle(self) -> bool:
-        return not self._pending and self._running is None
+        """Every granted batch generated (never after a failure: the failed one was not)."""
+        return not self._pending and self._running is None and self._error is None
 
     def _wait(self, ready: Callable[[], bool]) -> None:
-        """Wait (holding ``_cond``) until ``ready()``; raise the producer's error, or if it is closed."""
+        """Wait (holding ``_cond``) until ``ready()``; raise the producer's error, or that it is closed,
+        if it never will be."""
         self._cond.wait_for(lambda: ready() or self._error is not None or self._closed)
+        if ready():
+            return
         if self._error is not None:
             raise RuntimeError("the rollout producer thread failed") from self._error
-        if not ready():
-            raise ProducerStopped("the rollout producer was closed")
+        raise ProducerStopped("the rollout producer was closed")
 
     def _loop(self) -> None:
         try:
