@@ -115,4 +115,4 @@ def test_log_probs_are_those_of_the_sampling_distribution_and_leave_the_samples_
         logits[:, engines[1].vision_token_ids] = -math.inf
         want = logits.log_softmax(-1).gather(1, b.response_ids[:, None]).squeeze(1)
         assert b.logprobs.shape == b.response_ids.shape
-        torch.testing.assert_close(b.logprobs, want, atol=1e-4, rtol=0)
+        torch.testing.assert_close(b.logprobs, want, atol=1e-4, rtol=1e-4)  # KV cache vs one forward
