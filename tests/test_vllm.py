@@ -183,6 +183,26 @@ def prompt_ids(model_dir: str) -> list[int]:
     return AutoTokenizer.from_pretrained(model_dir)("how many circles are in the picture")["input_ids"]
 
 
+def train_on_server(model: str, url: str, out, tp: int, *overrides: str) -> tuple[list[dict], dict]:
+    """3 steps of the main job at tiny size with rollouts from the server at ``url`` (TP ``tp``, plus
+    ``overrides``): its metrics rows, and the environment it ran in."""
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={tp}",
+        "-m", "megatron_papo.cli", "train", "--config", os.path.join(ROOT, "examples/configs/tiny_cpu.yaml"),
+        f"model.hf_path={model}", f"trainer.output_dir={out}", f"checkpoint.dir={out}/ckpt",
+        "checkpoint.save_interval=0", "logging.tensorboard=false",
+        f"parallel.tensor_model_parallel_size={tp}",
+        "trainer.steps=3", "trainer.rollout_batch_size=2", "trainer.update_batch_size=2",
+        "trainer.micro_batch_size=2", "data.synthetic.num_train=8", "data.synthetic.num_test=2",
+        "optimizer.lr=0.003", "rollout.n=2", "rollout.max_new_tokens=8",
+        "rollout.top_p=1.0", "rollout.backend=vllm", f"rollout.vllm_urls=[{url}]", *overrides,
+    ]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT, MEGATRON_PAPO_SYNC_TOKEN=SYNC_TOKEN)
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+    assert result.returncode == 0, f"{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()], env
+
+
 # ---------------------------------------------------------------- real servers
 
 
@@ -252,23 +272,12 @@ def test_training_with_vllm_rollouts_and_weight_sync(served, tmp_path, sync):
     url, out = servers[0 if sync == "broadcast" else 1].url, tmp_path / "run"
     tp = 2 if sync == "broadcast" else 1
     strategy = "patch" if sync == "broadcast" else "raw_grid"
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={tp}",
-        "-m", "megatron_papo.cli", "train", "--config", os.path.join(ROOT, "examples/configs/tiny_cpu.yaml"),
-        f"model.hf_path={model}", f"trainer.output_dir={out}", f"checkpoint.dir={out}/ckpt",
-        "checkpoint.save_interval=0", "logging.tensorboard=false",
-        f"parallel.tensor_model_parallel_size={tp}",
-        "trainer.steps=3", "trainer.rollout_batch_size=2", "trainer.update_batch_size=2",
-        "trainer.micro_batch_size=2", "data.synthetic.num_train=8", "data.synthetic.num_test=2",
-        "optimizer.lr=0.003", "rollout.n=2", "rollout.max_new_tokens=8",
-        "rollout.top_p=1.0", "rollout.backend=vllm", f"rollout.vllm_urls=[{url}]", "rollout.tis_cap=2.0",
-        f"rollout.vllm_weight_sync={sync}", f"masking.strategy={strategy}", "eval.interval=3",
-        "eval.max_prompts=2",
-    ]  # fmt: skip
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT, MEGATRON_PAPO_SYNC_TOKEN=SYNC_TOKEN)
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
-    assert result.returncode == 0, f"{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows, env = train_on_server(
+        model, url, out, tp,
+        "rollout.tis_cap=2.0", f"rollout.vllm_weight_sync={sync}", f"masking.strategy={strategy}",
+        "eval.interval=3", "eval.max_prompts=2",
+    )  # fmt: skip
+    eval_rows = [r for r in rows if "eval/masked_accuracy" in r]
     rows = [r for r in rows if "rollout/logprob_mismatch" in r]
     assert len(rows) == 3, rows
     print({k: [r[k] for r in rows] for k in ("rollout/logprob_mismatch", "sync/time_s")})
@@ -278,7 +287,7 @@ def test_training_with_vllm_rollouts_and_weight_sync(served, tmp_path, sync):
         assert row["rollout/logprob_mismatch"] < 2e-2, row
         assert row["sync/servers"] == 1 and row["sync/bytes"] > 0 and row["sync/time_s"] > 0, row
         assert row["rollout/tokens_per_s"] > 0 and abs(row["actor/tis_weight"] - 1) < 1e-2, row
-    assert [r["eval/prompts"] for r in rows if "eval/masked_accuracy" in r] == [2.0], rows
+    assert [r["eval/prompts"] for r in eval_rows] == [2.0], rows
     # one sync at start-up (the server may hold other weights), one after each update
     info = json.loads(urllib.request.urlopen(f"{url}/weight_info", timeout=10).read())
     assert info["weight_version"].endswith("-4")
@@ -300,6 +309,20 @@ def test_training_with_vllm_rollouts_and_weight_sync(served, tmp_path, sync):
     print("server vs transformers, trained weights:", (served - expected).abs().max().item())
     assert torch.allclose(served, expected, atol=1e-4)
     assert (served - hf_log_probs(model, ids)).abs().max() > 1e-3  # the sync did change the server
+
+
+@requires_vllm
+def test_training_with_vllm_rollouts_one_step_ahead_of_the_update(model, servers, tmp_path):
+    """``rollout.max_staleness`` 1 with a server: step k's samples come from the weights synced after step
+    k - 2 (each sync waits for the batch the server is generating), and each step logs their staleness
+    and importance weights; step 1 samples with the trainer's own weights."""
+    rows, _ = train_on_server(
+        model, servers[1].url, tmp_path / "run", 1, "rollout.max_staleness=1", "rollout.tis_cap=2.0"
+    )
+    assert [r["rollout/weight_version_max"] for r in rows] == [0, 0, 1]
+    assert [r["rollout/staleness"] for r in rows] == [0, 1, 1]
+    assert all(r["rollout/is_weight_mean"] > 0 and r["sync/servers"] == 1 for r in rows), rows
+    assert rows[0]["rollout/logprob_mismatch"] < 2e-2, rows
 
 
 @requires_vllm
