@@ -22,7 +22,6 @@ export's time with ``cp`` of the same safetensors files on the same disk (both f
 from __future__ import annotations
 
 import argparse
-import ctypes
 import gc
 import json
 import os
@@ -86,8 +85,10 @@ def _memory(field: str) -> int:
 
 def _measured(fn) -> dict:
     """Run ``fn`` with the resident high-water mark reset first; its seconds and peak."""
+    from megatron_papo.parallel.host_memory import release_freed_memory
+
     gc.collect()
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    release_freed_memory()
     base = _memory("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset VmHWM to the current resident size

@@ -30,7 +30,8 @@ class TrainerConfig:
     exact, ``tests/test_packing.py``): a micro-batch's sequences are packed into one row without padding
     (``training.packing``; every pass).
     ``max_tokens_per_micro_batch`` > 0 (packed only): micro-batches of at most that many prompt + response
-    tokens instead (a longer sequence alone; ``training.sequences.token_budget_bins``), few and balanced.
+    tokens instead (a longer sequence alone; ``training.sequences.token_budget_bins``), few and balanced,
+    after the DP ranks have evened out their tokens by exchanging whole groups (``training.dp_balance``).
     """
 
     output_dir: str = "runs/papo"
@@ -88,6 +89,9 @@ class EvalConfig:
     # sampling seed of the evaluation (and so of its responses); None: ``trainer.seed``. One value shared by
     # the evaluations of several runs makes them comparable (the same draws for every model)
     seed: int | None = None
+    # each test prompt's accuracy with original and masked images, to ``trainer.output_dir``/eval_items/
+    # step<N>.jsonl (paired comparisons of two policies on the same prompts)
+    save_items: bool = False
 
     def __post_init__(self) -> None:
         if self.interval < 0 or self.max_prompts < 0 or self.n < 1:

@@ -8,6 +8,9 @@ servers are sent the masked images that preprocess to the embedded engine's mask
 
 from __future__ import annotations
 
+import json
+import os
+
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
@@ -35,10 +38,10 @@ def _request_images(
     return source.masked_rgb_images(prompt, EVAL_MASK_STEP) if backend == "vllm" else None
 
 
-def evaluate(cfg: TrainConfig, policy: Policy) -> dict[str, float]:
+def evaluate(cfg: TrainConfig, policy: Policy, step: int) -> dict[str, float]:
     """avg@``eval.n`` accuracy and format rate over the test split (or its first ``eval.max_prompts``),
     overall and per subset tag of the prompts (``EvalTally.metrics``); sampled with ``eval.seed`` (else
-    ``trainer.seed``)."""
+    ``trainer.seed``). With ``eval.save_items`` each prompt's accuracies go to ``items_path(..., step)``."""
     seed = cfg.trainer.seed if cfg.eval.seed is None else cfg.eval.seed
     dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
     source = PromptSource(
@@ -57,6 +60,7 @@ def evaluate(cfg: TrainConfig, policy: Policy) -> dict[str, float]:
         limit = min(limit, -(-cfg.eval.max_prompts // dp_size))
     prompts = source.next_prompts(limit)
     tally = EvalTally()
+    items: dict[str, dict] = {}  # uid -> its subset and avg@n accuracies (eval.save_items)
     for masked in (False, True):
         requests = [
             RolloutRequest(
@@ -80,8 +84,32 @@ def evaluate(cfg: TrainConfig, policy: Policy) -> dict[str, float]:
         rewards = source.rewards.grade([(t, p.answer, p.answer_type) for p, t in graded])
         for (prompt, _), reward in zip(graded, rewards, strict=True):
             tally.add(prompt.extra.get("subset"), masked, reward.accuracy, reward.format)
+            item = items.setdefault(prompt.uid, {"uid": prompt.uid, "subset": prompt.extra.get("subset")})
+            key = "masked_accuracy" if masked else "accuracy"
+            item[key] = item.get(key, 0.0) + reward.accuracy / cfg.eval.n
     source.close()
+    if cfg.eval.save_items:
+        _write_items(list(items.values()), items_path(cfg.trainer.output_dir, step))
     return tally.reduced(ps.get_data_parallel_group()).metrics(cfg.eval.n)
+
+
+def items_path(output_dir: str, step: int) -> str:
+    """Where ``eval.save_items`` puts the evaluation after ``step`` (0: before training)."""
+    return os.path.join(output_dir, "eval_items", f"step{step}.jsonl")
+
+
+def _write_items(items: list[dict], path: str) -> None:
+    """Every DP rank's ``items`` (model-parallel peers hold the same), one JSON line each, written by
+    global rank 0 (a temporary file renamed into place)."""
+    everyone: list[list[dict]] = [[] for _ in range(ps.get_data_parallel_world_size())]
+    dist.all_gather_object(everyone, items, group=ps.get_data_parallel_group())
+    if dist.get_rank() != 0:
+        return
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        for item in (i for part in everyone for i in part):
+            f.write(json.dumps(item) + "\n")
+    os.replace(path + ".tmp", path)
 
 
 class EvalTally:

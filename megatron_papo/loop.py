@@ -184,7 +184,7 @@ class TrainingLoop:
         bad_steps = 0
         first = self.step
         if cfg.eval.at_start and self.step == 0:
-            self._log_metrics(average_over_ranks(evaluate(cfg, self.policy)))
+            self._log_metrics(average_over_ranks(evaluate(cfg, self.policy, self.step)))
         while self.step < cfg.trainer.steps and not stop:
             self.step += 1
             outcome = self.train_step()
@@ -198,7 +198,7 @@ class TrainingLoop:
                 )
                 stop = True
             if cfg.eval.interval and (self.step % cfg.eval.interval == 0 or last):
-                metrics |= evaluate(cfg, self.policy)
+                metrics |= evaluate(cfg, self.policy, self.step)
             metrics = average_over_ranks(metrics)
             stop = self.after_step(metrics) or stop
             self._log_metrics(metrics, outcome.prompts)

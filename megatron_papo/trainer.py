@@ -69,6 +69,7 @@ from megatron_papo.rollout.correction import (
 from megatron_papo.rollout.distributed import RolloutGroups, generate_in_model_parallel_group
 from megatron_papo.rollout.engine import RolloutRequest
 from megatron_papo.rollout.staleness import staleness_metrics
+from megatron_papo.training.dp_balance import balance_groups
 from megatron_papo.training.dynamic_sampling import fill_rollout_batch
 from megatron_papo.training.hacking import HackingDetector
 from megatron_papo.training.passes import token_data_pass, update_pass
@@ -439,6 +440,10 @@ class Trainer(TrainingLoop):
         else:
             groups, metrics = self._sample_groups(self.step, RolloutGroups.trainers())
         rollout_time = time.monotonic() - start
+        if self.cfg.trainer.max_tokens_per_micro_batch:  # token budgets: even the ranks' tokens too
+            tokens = [sum(len(g.prompt.input_ids) + len(r) for r in g.responses) for g in groups]
+            groups, balance = balance_groups(groups, tokens, ps.get_data_parallel_group())
+            metrics |= balance
         scores, shaping = self._scores(groups)
         metrics |= shaping
         seqs = self._sequences(groups, scores)

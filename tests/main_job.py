@@ -1,10 +1,11 @@
 """The main job through the real CLI under torchrun, for the end-to-end tests (tiny model: the
 ``tiny_model`` fixture in conftest.py).
 
-``train`` is one launch of one run. ``train_in_one_launch`` runs several single-process runs one after the
-other in one launch (this file is then torchrun's worker script, ``_run_all``): each through
-``megatron_papo.cli.main`` as in its own launch, with its own console output and exit status, for one
-start-up instead of one each (a process spends ~15 s importing torch, megatron-core and transformers).
+``train`` is one launch of one run. ``train_in_one_launch`` (``cli_in_one_launch``: any commands) runs
+several single-process runs one after the other in one launch (this file is then torchrun's worker
+script, ``_run_all``): each through ``megatron_papo.cli.main`` as in its own launch, with its own console
+output and exit status, for one start-up instead of one each (a process spends ~15 s importing torch,
+megatron-core and transformers).
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ def job_overrides(out: Path, model: str, *overrides: str) -> list[str]:
     ]
 
 
-def _train_args(out: Path, model: str, overrides: Sequence[str]) -> list[str]:
+def train_args(out: Path, model: str, overrides: Sequence[str]) -> list[str]:
     """``megatron-papo train``'s arguments: tiny sizes plus ``overrides``, into ``out``."""
     return ["train", "--config", CONFIG, *job_overrides(out, model, *overrides)]
 
@@ -84,7 +85,7 @@ def train(
     """``megatron-papo train`` on ``procs`` processes, tiny sizes plus ``overrides``, into ``tmp_path/name``:
     its ``metrics.jsonl`` rows and the finished process (``check``: a failure raises with its output)."""
     out = tmp_path / name
-    result = _torchrun(procs, "-m", "megatron_papo.cli", *_train_args(out, model, overrides))
+    result = _torchrun(procs, "-m", "megatron_papo.cli", *train_args(out, model, overrides))
     if check and result.returncode != 0:
         raise _failed(result)
     return metrics_rows(out), result
@@ -92,20 +93,26 @@ def train(
 
 def train_in_one_launch(tmp_path: Path, model: str, runs: Mapping[str, Sequence[str]]) -> dict[str, Result]:
     """``train(tmp_path, name, model, 1, *overrides, check=False)`` for each ``name: overrides`` of ``runs``,
-    one after the other in one single-process torchrun launch (``_run_all``). Each run's result holds its
-    exit status and its console output, its ``args`` the CLI's arguments. One process only: megatron-core
-    keeps layout state beyond ``destroy_model_parallel`` (a 4-process TP=2 x PP=2 run followed by a
-    TP=2 x DP=2 one in one launch failed the second's checkpoint), and a failed rank would leave the
-    others waiting."""
+    one after the other in one single-process torchrun launch (``cli_in_one_launch``)."""
+    spec = {name: train_args(tmp_path / name, model, overrides) for name, overrides in runs.items()}
+    return cli_in_one_launch(tmp_path, spec)
+
+
+def cli_in_one_launch(tmp_path: Path, runs: Mapping[str, list[str]]) -> dict[str, Result]:
+    """``megatron-papo ARGS`` for each ``name: ARGS`` of ``runs`` (any command), one after the other in
+    one single-process torchrun launch (``_run_all``); each run's ``metrics.jsonl`` rows are read from
+    ``tmp_path/name``. Each run's result holds its exit status and its console output, its ``args`` the
+    CLI's arguments. One process only: megatron-core keeps layout state beyond ``destroy_model_parallel``
+    (a 4-process TP=2 x PP=2 run followed by a TP=2 x DP=2 one in one launch failed the second's
+    checkpoint), and a failed rank would leave the others waiting."""
     console = tmp_path / "console"
     console.mkdir()
-    spec = {name: _train_args(tmp_path / name, model, overrides) for name, overrides in runs.items()}
-    (console / "runs.json").write_text(json.dumps(spec))
+    (console / "runs.json").write_text(json.dumps(runs))
     launch = _torchrun(1, os.path.abspath(__file__), str(console), timeout=900)
     if launch.returncode != 0:
         raise _failed(launch)
     results = {}
-    for name, args in spec.items():
+    for name, args in runs.items():
         run = json.loads((console / f"{name}.json").read_text())
         finished = subprocess.CompletedProcess(args, run["returncode"], run["stdout"], run["stderr"])
         results[name] = metrics_rows(tmp_path / name), finished

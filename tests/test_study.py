@@ -63,6 +63,14 @@ def test_smoke_study_end_to_end(tmp_path):
     assert results["evals"]["papo_g_masked_s1"] == {
         k: v for k, v in papo[-1].items() if k.startswith("eval/")
     } | {"step": 2}
+    items = [
+        json.loads(line) for line in (out / "rl" / "papo_g_masked_s1" / "eval_items" / "step2.jsonl").open()
+    ]
+    assert len(items) == 4 and {"uid", "subset", "accuracy", "masked_accuracy"} <= set(items[0])
+    sft_items = (out / "eval" / "sft" / "eval_items" / "step0.jsonl").read_text().splitlines()
+    assert {json.loads(line)["uid"] for line in sft_items} == {i["uid"] for i in items}
+    gains = table.split("Gain over the SFT start")[1].split("\n\n")[1]
+    assert "| GRPO | " in gains and "| - | - |" not in gains  # the paired columns are filled
     sft_eval = (out / "eval" / "sft" / "config.in.yaml").read_text()
     assert "seed: 1234" in sft_eval and "max_new_tokens: 16" in sft_eval
     assert (out / "sft" / "hf" / "model.safetensors").exists()

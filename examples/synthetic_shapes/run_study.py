@@ -40,6 +40,7 @@ from megatron_papo.config import TrainerConfig, load_train_config
 from megatron_papo.config_io import load_config
 from megatron_papo.data.config import SyntheticConfig
 from megatron_papo.data.synthetic import SUBSET_TAGS, write_synthetic
+from megatron_papo.evaluate import items_path
 from megatron_papo.models.tiny import TinyQwen25VLSpec, make_tiny_qwen25vl
 from megatron_papo.training.hacking import HackingDetector, HackingDetectorConfig
 from megatron_papo.training.metrics import read_metrics
@@ -214,7 +215,7 @@ class Study:
         sections = {
             "model": {"hf_path": self.path("sft", "hf")},
             "rollout": self.size.rl.get("rollout", {}),  # sampled as the RL runs' final evaluations
-            "eval": merge(self.size.eval, {"seed": EVAL_SEED}),
+            "eval": merge(self.size.eval, {"seed": EVAL_SEED, "save_items": True}),
         }
         config = self.run_config(self.path("eval", name), sections)
         args = ["eval", "--config", config, "--output", out]
@@ -228,7 +229,7 @@ class Study:
             self.train(f"rl/{run}", "train", sections)
             return
         steps = merge(self.base, sections).get("trainer", {}).get("steps", TrainerConfig.steps)
-        final_eval = merge(self.size.eval, {"interval": steps, "seed": EVAL_SEED})
+        final_eval = merge(self.size.eval, {"interval": steps, "seed": EVAL_SEED, "save_items": True})
         self.train(f"rl/{run}", "train", merge(sections, {"eval": final_eval}))
         out = self.path("eval", f"{run}.json")
         if not os.path.exists(out):
@@ -297,6 +298,14 @@ class Report:
                 with open(path, encoding="utf-8") as f:
                     self.evals[name] = json.load(f)
         self.metrics = {run: read_metrics(study.path("rl", run, "metrics.jsonl")) for run in study.runs}
+        # each evaluated prompt's accuracy (eval.save_items), for the paired comparison with the SFT start
+        self.items: dict[str, dict[str, float]] = {}
+        for name, ev in self.evals.items():
+            where = study.path("eval", "sft") if name == "sft" else study.path("rl", name)
+            path = items_path(where, round(ev["step"]))
+            if os.path.exists(path):
+                with open(path, encoding="utf-8") as f:
+                    self.items[name] = {r["uid"]: r["accuracy"] for r in map(json.loads, f)}
         # the table's rows: the SFT start, then each method over its seeds
         self.groups = {"sft": ["sft"]} | {m: study.size.method_runs(m) for m in study.size.methods}
 
@@ -310,12 +319,17 @@ class Report:
 
     def gain(self, runs: list[str]) -> dict[str, float] | None:
         """A method's mean test accuracy over its seeds minus the SFT start's (``gain``), in units of
-        the method mean's standard error (``z``: the bar is z >= 3) and, stricter, of the difference's
-        (``z_diff``, the SFT start's own SE added in quadrature, as if the test items were not shared).
+        the method mean's standard error (``z``: the bar is z >= 3), stricter, of the difference's
+        (``z_diff``, the SFT start's own SE added in quadrature, as if the test items were not shared), and
+        paired on the shared test prompts (``z_paired``, when every evaluation saved its items).
 
         Per run, the binomial SE over the N test prompts: sqrt(p (1 - p) / N). A method's mean over k
         seeds has SE sqrt(max(s^2, mean binomial variance) / k), s the seed spread (sample std), so
         neither three agreeing seeds nor a noisy test split understate it.
+
+        Paired: per prompt i, d_i = (the method's accuracy on i, averaged over its seeds) - the SFT start's;
+        SE = max(sd(d) / sqrt(N), s / sqrt(k)): the items' SE of the mean difference, and never below
+        the seed spread's SE (training randomness that the per-item average would dilute).
         """
         accs = [self.evals[r]["eval/accuracy"] for r in runs if r in self.evals]
         if not accs or "sft" not in self.evals:
@@ -325,13 +339,19 @@ class Report:
         binomial = statistics.fmean(p * (1 - p) / n for p in accs)
         se = math.sqrt(max(spread**2, binomial) / len(accs))
         se_diff = math.sqrt(se**2 + sft * (1 - sft) / n)
-        return {
+        out = {
             "gain": mean - sft,
             "se": se,
             "z": (mean - sft) / se if se else 0.0,
             "se_diff": se_diff,
             "z_diff": (mean - sft) / se_diff if se_diff else 0.0,
         }
+        if "sft" in self.items and all(r in self.items for r in runs):
+            base = self.items["sft"]
+            d = [statistics.fmean(self.items[r][u] for r in runs) - acc for u, acc in base.items()]
+            se_paired = max(statistics.stdev(d) / math.sqrt(len(d)), spread / math.sqrt(len(accs)))
+            out |= {"se_paired": se_paired, "z_paired": statistics.fmean(d) / se_paired if se_paired else 0.0}
+        return out
 
     def summary(self) -> dict[str, Any]:
         """``summary.json``: the SFT start and every run's test accuracies (fractions)."""
@@ -360,16 +380,19 @@ class Report:
         lines = [
             f"Gain over the SFT start (test accuracy points, N = {self.n_test()} prompts; `Report.gain`: "
             "SE of the method's mean from the per-run binomial SE and the seed spread; SE of the difference "
-            "adds the SFT start's binomial SE; the bar is gain >= 3 SE):",
+            "adds the SFT start's binomial SE; paired: on the shared prompts, per-prompt differences; the "
+            "bar is gain >= 3 SE):",
             "",
-            "| method | mean acc. - SFT | SE (mean) | z | SE (difference) | z (difference) | clears 3 SE |",
-            "|---|---|---|---|---|---|---|",
+            "| method | mean acc. - SFT | SE (mean) | z | SE (difference) | z (difference) | SE (paired) | "
+            "z (paired) | clears 3 SE |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for method, runs in self.groups.items():
             if method != "sft" and (g := self.gain(runs)):
+                paired = f"{100 * g['se_paired']:.1f} | {g['z_paired']:+.2f}" if "z_paired" in g else "- | -"
                 lines.append(
                     f"| {LABELS.get(method, method)} | {100 * g['gain']:+.1f} | {100 * g['se']:.1f} | "
-                    f"{g['z']:+.2f} | {100 * g['se_diff']:.1f} | {g['z_diff']:+.2f} | "
+                    f"{g['z']:+.2f} | {100 * g['se_diff']:.1f} | {g['z_diff']:+.2f} | {paired} | "
                     f"{'yes' if g['z'] >= 3 else 'no'} |"
                 )
         return lines

@@ -27,6 +27,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from megatron_papo.parallel.device import current_device
+from megatron_papo.parallel.host_memory import trimmed
 
 DESTINATIONS = ("rank0", "all")
 BUFFER_BYTES = 256 << 20  # default bound of an export's tensor data in flight on any rank
@@ -115,6 +116,7 @@ def relay(specs: list[TensorSpec], pieces: Iterator[Piece], to: str) -> WeightSt
     the whole model on the ranks of ``to``. Every rank must iterate the result to the end."""
     if to not in DESTINATIONS:
         raise ValueError(f"export destination {to!r} is not one of {DESTINATIONS}")
+    pieces = trimmed(pieces)  # the buffer bounds what is alive; the allocator must not keep the rest
     if ps.get_pipeline_model_parallel_world_size() == 1:
         return WeightStream(specs if to == "all" or dist.get_rank() == 0 else [], pieces)
     ranks, roles = _pp_group_ranks(), _roles(to)
