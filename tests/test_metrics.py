@@ -55,9 +55,11 @@ def test_plot_metrics_writes_a_png(tmp_path):
 
     run = tmp_path / "papo"
     run.mkdir()
-    rows = [
-        {"step": s, "reward/mean": 0.1 * s, "papo/kl_prc": 0.01 * s, "papo/entropy": 1.0} for s in (1, 2, 3)
-    ]
+    rows = [{"step": 0, "eval/accuracy": 0.2}] + [
+        {"step": s, "reward/mean": 0.1 * s, "papo/kl_prc": 0.01 * s, "papo/entropy": 1.0}
+        for s in range(1, 13)
+    ]  # 12 steps: the faint steps and their trailing mean; evaluations at steps 0 and 12
+    rows[-1]["eval/accuracy"] = 0.4
     (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     out = tmp_path / "plot.png"
     tool = __file__.replace("tests/test_metrics.py", "tools/plot_metrics.py")
@@ -66,3 +68,13 @@ def test_plot_metrics_writes_a_png(tmp_path):
     (run / "bad.jsonl").write_text("{not json\n")
     bad = subprocess.run([sys.executable, tool, str(run / "bad.jsonl")], capture_output=True, text=True)
     assert bad.returncode != 0 and "bad.jsonl:1: not a JSON line" in bad.stderr
+
+
+def test_trailing_mean_of_the_plot():
+    import sys
+
+    sys.path.insert(0, __file__.replace("tests/test_metrics.py", "tools"))
+    from plot_metrics import trailing_mean
+
+    assert trailing_mean([1.0, 2.0, 3.0, 4.0, 5.0, 6.0], 5) == [3.0, 4.0]
+    assert trailing_mean([1.0, 2.0], 5) == []

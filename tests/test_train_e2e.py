@@ -4,6 +4,7 @@ The single-process runs (``single_process_runs``) share one launch (``one_proces
 its own run.
 """
 
+import json
 import math
 import tarfile
 from pathlib import Path
@@ -131,9 +132,17 @@ def test_data_parallel_run(tmp_path, tiny_model):
         "parallel.tensor_model_parallel_size=2",
         "trainer.rollout_batch_size=4",
         "trainer.update_batch_size=4",
+        "eval.interval=3",
+        "eval.save_items=true",
     )
     assert [r["step"] for r in rows] == [1, 2, 3] and all(r["actor/grad_norm"] > 0 for r in rows)
     assert "saved checkpoint" in result.stdout and (tmp_path / "dp" / "ckpt" / "latest").read_text() == "3"
+    # the evaluation's per-prompt records: both DP ranks' prompts, each once, in rank 0's file
+    items = [
+        json.loads(line) for line in (tmp_path / "dp" / "eval_items" / "step3.jsonl").read_text().splitlines()
+    ]
+    assert rows[-1]["eval/prompts"] == 2 and len({i["uid"] for i in items}) == len(items) == 2
+    assert rows[-1]["eval/accuracy"] == sum(i["accuracy"] for i in items) / 2
 
 
 def test_stop_and_resume_continues_the_run(tp2_run, stopped_and_resumed):

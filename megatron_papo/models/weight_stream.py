@@ -116,7 +116,8 @@ def relay(specs: list[TensorSpec], pieces: Iterator[Piece], to: str) -> WeightSt
     the whole model on the ranks of ``to``. Every rank must iterate the result to the end."""
     if to not in DESTINATIONS:
         raise ValueError(f"export destination {to!r} is not one of {DESTINATIONS}")
-    pieces = trimmed(pieces)  # the buffer bounds what is alive; the allocator must not keep the rest
+    if to == "rank0":  # an export: the buffer bounds what is alive, the allocator must not keep the rest
+        pieces = trimmed(pieces)  # ("all" rebuilds the whole model on every rank: no bound, no trim per step)
     if ps.get_pipeline_model_parallel_world_size() == 1:
         return WeightStream(specs if to == "all" or dist.get_rank() == 0 else [], pieces)
     ranks, roles = _pp_group_ranks(), _roles(to)
