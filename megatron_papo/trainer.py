@@ -40,6 +40,7 @@ importance-sampling correction of the policy-gradient term.
 from __future__ import annotations
 
 import hashlib
+import os
 import time
 from dataclasses import dataclass
 
@@ -73,6 +74,7 @@ from megatron_papo.training.dp_balance import balance_groups
 from megatron_papo.training.dynamic_sampling import fill_rollout_batch
 from megatron_papo.training.hacking import HackingDetector
 from megatron_papo.training.passes import token_data_pass, update_pass
+from megatron_papo.training.records import write_dp_records
 from megatron_papo.training.rollout_producer import RolloutProducer
 from megatron_papo.training.sequences import (
     StepSequences,
@@ -279,6 +281,37 @@ class Trainer(TrainingLoop):
         }
         return scores + penalty, metrics
 
+    def _save_rollouts(self, groups: list[Group], scores: torch.Tensor) -> None:
+        """``logging.save_rollouts``: the step's samples, one JSON line each (``scores`` [N]: as trained,
+        shaping included), to ``rollouts/step<N>.jsonl`` under the output directory."""
+        decode = self.prompts.tokenizer.batch_decode
+        records = [
+            {
+                "step": self.step,
+                "uid": g.prompt.uid,
+                "prompt": g.prompt.prompt_text,
+                "response": text,
+                "score": score,
+                "accuracy": reward.accuracy,
+                "format": reward.format,
+                "finished": finished,
+                "response_tokens": len(ids),
+                "weight_version": version,
+            }
+            for g, group_scores in zip(groups, scores.split(self.cfg.rollout.n), strict=True)
+            for ids, text, reward, finished, version, score in zip(
+                g.responses,
+                decode(g.responses, skip_special_tokens=True),
+                g.rewards,
+                g.finished,
+                g.versions,
+                group_scores.tolist(),
+                strict=True,
+            )
+        ]
+        path = os.path.join(self.cfg.trainer.output_dir, "rollouts", f"step{self.step}.jsonl")
+        write_dp_records(records, path)
+
     def _advantages(self, scores: torch.Tensor) -> torch.Tensor:
         algo = self.cfg.algorithm
         return grpo_advantages(scores, self.cfg.rollout.n, scale_by_std=algo.scale_advantages_by_std)
@@ -446,6 +479,8 @@ class Trainer(TrainingLoop):
             metrics |= balance
         scores, shaping = self._scores(groups)
         metrics |= shaping
+        if self.cfg.logging.save_rollouts:
+            self._save_rollouts(groups, scores)
         seqs = self._sequences(groups, scores)
         log_prob_time = self._compute_token_data(seqs)
         if self.kl_controller is not None:

@@ -10,6 +10,7 @@ The in-process runs share one process, so the run-directory lock (held until the
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 from main_job import CONFIG, job_overrides, train
@@ -129,12 +130,18 @@ def test_data_parallel_dapo_refills_on_the_producer_thread(tmp_path, tiny_model)
     rows, _ = train(
         tmp_path, "dapo", tiny_model, 2,
         "rollout.max_staleness=1", "algorithm.name=dapo", f"reward.function={reward}:parity",
-        "algorithm.max_tries=8",
+        "algorithm.max_tries=8", "logging.save_rollouts=true",
     )  # fmt: skip
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert [r["rollout/staleness"] for r in rows] == [0, 1, 1]
     assert [r["rollout/weight_version_max"] for r in rows] == [0, 0, 1]
     assert all(r["rollout/used_groups"] == 2 and r["rollout/tries"] >= 1 for r in rows)
+    # logging.save_rollouts: each step's trained samples, both DP ranks', with the versions that made them
+    for row in rows:
+        samples = [json.loads(x) for x in (tmp_path / "dapo/rollouts" / f"step{row['step']}.jsonl").open()]
+        assert len(samples) == 2 * 2 and len({s["uid"] for s in samples}) == 2, samples  # 2 groups of n=2
+        assert {s["weight_version"] for s in samples} == {row["rollout/weight_version_max"]}
+        assert all(isinstance(s["response"], str) and s["step"] == row["step"] for s in samples)
 
 
 def test_tensor_parallel_generation_on_the_producer_thread(tmp_path, tiny_model):
