@@ -66,7 +66,7 @@ def _eval(args: argparse.Namespace) -> None:
     if args.checkpoint:
         common, _ = load_checkpoint(CheckpointConfig(dir=args.checkpoint), policy.model, None, None)
         step = common["step"]
-    policy.sync_rollout_weights()
+    policy.sync_rollout_weights(step)
     results = evaluate(cfg, policy, step) | {"step": step}
     if dist.get_rank() == 0:
         out = args.output or os.path.join(cfg.trainer.output_dir, f"eval_step{step}.json")

@@ -106,6 +106,9 @@ class LoggingConfig:
     wandb: WandbConfig = field(default_factory=WandbConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
     hacking_detector: HackingDetectorConfig = field(default_factory=HackingDetectorConfig)
+    # every trained sample (prompt, response, reward, the weight version that generated it) to
+    # {trainer.output_dir}/rollouts/step<N>.jsonl, like verl's rollout_data_dir
+    save_rollouts: bool = False
 
 
 @dataclass

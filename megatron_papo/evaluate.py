@@ -8,7 +8,6 @@ servers are sent the masked images that preprocess to the embedded engine's mask
 
 from __future__ import annotations
 
-import json
 import os
 
 import torch
@@ -23,6 +22,7 @@ from megatron_papo.policy import Policy
 from megatron_papo.rollout.distributed import generate_in_model_parallel_group
 from megatron_papo.rollout.engine import RolloutRequest
 from megatron_papo.training.prompts import PromptSource
+from megatron_papo.training.records import write_dp_records
 
 EVAL_MASK_STEP = 0
 
@@ -89,27 +89,13 @@ def evaluate(cfg: TrainConfig, policy: Policy, step: int) -> dict[str, float]:
             item[key] = item.get(key, 0.0) + reward.accuracy / cfg.eval.n
     source.close()
     if cfg.eval.save_items:
-        _write_items(list(items.values()), items_path(cfg.trainer.output_dir, step))
+        write_dp_records(list(items.values()), items_path(cfg.trainer.output_dir, step))
     return tally.reduced(ps.get_data_parallel_group()).metrics(cfg.eval.n)
 
 
 def items_path(output_dir: str, step: int) -> str:
     """Where ``eval.save_items`` puts the evaluation after ``step`` (0: before training)."""
     return os.path.join(output_dir, "eval_items", f"step{step}.jsonl")
-
-
-def _write_items(items: list[dict], path: str) -> None:
-    """Every DP rank's ``items`` (model-parallel peers hold the same), one JSON line each, written by
-    global rank 0 (a temporary file renamed into place)."""
-    everyone: list[list[dict]] = [[] for _ in range(ps.get_data_parallel_world_size())]
-    dist.all_gather_object(everyone, items, group=ps.get_data_parallel_group())
-    if dist.get_rank() != 0:
-        return
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        for item in (i for part in everyone for i in part):
-            f.write(json.dumps(item) + "\n")
-    os.replace(path + ".tmp", path)
 
 
 class EvalTally:

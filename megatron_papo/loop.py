@@ -96,7 +96,7 @@ class TrainingLoop:
         if resume_from is not None:
             self._resume(resume_from)
         if self.policy.engine is not None:
-            self.policy.sync_rollout_weights()
+            self.policy.sync_rollout_weights(self.step)
         self.metrics: MetricsLogger | None = None
         if dist.get_rank() == 0:
             config = to_dict(cfg)
@@ -162,9 +162,22 @@ class TrainingLoop:
     def load_extra_state(self, state: dict[str, Any]) -> None:
         pass
 
+    def data_position(self) -> dict[str, Any]:
+        """Where this rank's prompts resume after ``self.step`` (a loader state dict, saved per DP rank)."""
+        return self.prompts.state_dict()
+
+    def close(self) -> None:
+        """Stop what runs beside the loop (called once ``run`` returns or raises)."""
+
     def run(self) -> None:
         """Train to ``trainer.steps``; raises ``StoppedEarly`` after saving when a signal or the time
         budget stops the run first."""
+        try:
+            self._run()
+        finally:
+            self.close()
+
+    def _run(self) -> None:
         cfg = self.cfg
         stop = False
         early: str | None = None
@@ -239,7 +252,7 @@ class TrainingLoop:
 
     def save(self) -> None:
         states: list[dict] = [{} for _ in range(self.dp_size)]
-        dist.all_gather_object(states, self.prompts.state_dict(), group=ps.get_data_parallel_group())
+        dist.all_gather_object(states, self.data_position(), group=ps.get_data_parallel_group())
         path = save_checkpoint(
             self.cfg.checkpoint,
             self.step,

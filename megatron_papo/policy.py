@@ -131,9 +131,12 @@ class Policy:
         ``all``, ``weights.export_stream``); a collective: every rank must iterate."""
         return export_stream(self.module, to=to)
 
-    def sync_rollout_weights(self) -> None:
+    def sync_rollout_weights(self, version: int = 0) -> None:
+        """The current weights into the rollout engine, tagged ``version`` (the optimizer steps behind them:
+        stamped on the rollouts generated with them); a collective."""
         if self.engine is None:
             for _ in self.export_hf("rank0").pieces:  # still take part in the gathers
                 pass
             return
         self.engine.sync_weights(self.export_hf(self.engine.weights_to))
+        self.engine.weight_version = version

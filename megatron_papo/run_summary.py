@@ -31,6 +31,8 @@ def _rollout(cfg: TrainConfig) -> str:
     else:
         engine = "embedded (transformers generate in each process)"
     sampling = f"n {rollout.n}, up to {rollout.max_new_tokens} new tokens, temperature {rollout.temperature}"
+    if rollout.max_staleness:
+        sampling += f"; generated up to {rollout.max_staleness} step(s) ahead on a background thread"
     return f"{engine}; {sampling}"
 
 

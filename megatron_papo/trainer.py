@@ -22,14 +22,25 @@ One step, on every rank:
    optimizer step. With ``masked_grad`` a micro-batch carries the original and masked images together.
 6. **Weight sync** of the new policy into the rollout engine, metrics, checkpoint.
 
-With an engine that reports log-probs (vLLM servers) the gap between its log-probs and the trainer's
-pre-update ones is logged each step (``rollout/logprob_mismatch``), and ``rollout.tis_cap`` turns on the
-truncated importance-sampling correction of the policy-gradient term.
+With ``rollout.max_staleness`` s > 0, steps 1-3 of the next ``s`` steps run on a background thread
+(``training.rollout_producer``) while this one does 4-6: step ``k`` grants the batches up to ``k + s``,
+takes its own (generated while earlier steps updated, with weights at most ``s`` versions old) and, before
+its weight sync, waits until the granted batches are generated. Each rollout carries the version of the
+weights that sampled it; the step logs their staleness (``rollout/staleness``) and refuses any beyond
+``s``. Checkpoints record the prompt position of the first untrained step (``data_position``): batches
+generated ahead are dropped and, on resume, generated again from the same prompts. With s = 0 none of this
+runs: the loop is the synchronous one.
+
+With an engine that reports log-probs (vLLM servers; the embedded engine with ``rollout.tis_cap`` or
+``max_staleness`` > 0) the gap between its log-probs and the trainer's pre-update ones is logged each step
+(``rollout/logprob_mismatch``, ``rollout/is_weight_*``), and ``rollout.tis_cap`` turns on the truncated
+importance-sampling correction of the policy-gradient term.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 import time
 from dataclasses import dataclass
 
@@ -51,13 +62,20 @@ from megatron_papo.papo.loss import reference_kl
 from megatron_papo.parallel.device import current_device
 from megatron_papo.policy import Policy
 from megatron_papo.rewards.registry import RewardOutput
-from megatron_papo.rollout.correction import logprob_mismatch, truncated_importance_weights
-from megatron_papo.rollout.distributed import generate_in_model_parallel_group
+from megatron_papo.rollout.correction import (
+    importance_weight_stats,
+    logprob_mismatch,
+    truncated_importance_weights,
+)
+from megatron_papo.rollout.distributed import RolloutGroups, generate_in_model_parallel_group
 from megatron_papo.rollout.engine import RolloutRequest
+from megatron_papo.rollout.staleness import staleness_metrics
 from megatron_papo.training.dp_balance import balance_groups
 from megatron_papo.training.dynamic_sampling import fill_rollout_batch
 from megatron_papo.training.hacking import HackingDetector
 from megatron_papo.training.passes import token_data_pass, update_pass
+from megatron_papo.training.records import write_dp_records
+from megatron_papo.training.rollout_producer import RolloutProducer
 from megatron_papo.training.sequences import (
     StepSequences,
     build_sequences,
@@ -68,15 +86,19 @@ from megatron_papo.training.sequences import (
 
 @dataclass
 class Group:
-    """One prompt, its ``n`` scored responses (with the engine's log-probs) and, once the group is kept
-    and the objective uses them, its masked images."""
+    """One prompt, its ``n`` scored responses (with the engine's log-probs and weight versions) and, once
+    the group is kept and the objective uses them, its masked images."""
 
     prompt: EncodedPrompt
     responses: list[torch.Tensor]
     finished: list[bool]
     rewards: list[RewardOutput]
     logprobs: list[torch.Tensor | None]
+    versions: list[int | None]
     masked_pixel_values: torch.Tensor | None = None
+
+
+SampledBatch = tuple[list[Group], dict[str, float]]  # a step's groups and their rollout metrics
 
 
 def prompt_seed(seed: int, step: int, uid: str) -> int:
@@ -111,6 +133,8 @@ class Trainer(TrainingLoop):
         self.kl_controller = (
             KLController.from_config(cfg.algorithm) if cfg.algorithm.ref_kl_in_reward else None
         )
+        self.producer: RolloutProducer[SampledBatch] | None = None  # started by the first step
+        self._producer_busy_s = 0.0  # the producer's busy seconds at the end of the last step
 
     def headline(self) -> str:
         cfg = self.cfg
@@ -141,22 +165,34 @@ class Trainer(TrainingLoop):
         if self.kl_controller is not None and "kl_controller" in state:
             self.kl_controller.load_state_dict(state["kl_controller"])
 
+    def data_position(self) -> dict:
+        """The prompts of the next step, even when its batch was generated ahead (it is not saved)."""
+        if self.producer is None:
+            return super().data_position()
+        return self.producer.position(self.step + 1)
+
+    def close(self) -> None:
+        if self.producer is not None:
+            self.producer.close()
+            self.producer = None
+
     # ---------------------------------------------------------------- rollout, rewards, advantages
 
-    def _rollout(self, prompts: list[EncodedPrompt]) -> list[Group]:
-        """``n`` scored responses per prompt, generated by this DP rank's model-parallel ranks together."""
+    def _rollout(self, prompts: list[EncodedPrompt], step: int, group: dist.ProcessGroup) -> list[Group]:
+        """``n`` scored responses per prompt of ``step``, generated by this DP rank's model-parallel ranks
+        together (``group``)."""
         requests = [
             RolloutRequest(
                 p.input_ids,
                 p.pixel_values,
                 p.image_grid_thw,
-                seed=prompt_seed(self.cfg.trainer.seed, self.step, p.uid),
+                seed=prompt_seed(self.cfg.trainer.seed, step, p.uid),
                 prompt_text=p.prompt_text,
                 images=p.images,
             )
             for p in prompts
         ]
-        outputs = generate_in_model_parallel_group(self.policy.engine, requests, self.cfg.rollout.n)
+        outputs = generate_in_model_parallel_group(self.policy.engine, requests, self.cfg.rollout.n, group)
         texts = [
             self.prompts.tokenizer.batch_decode([r.response_ids for r in rollouts], skip_special_tokens=True)
             for rollouts in outputs
@@ -170,19 +206,22 @@ class Trainer(TrainingLoop):
                 finished=[r.finished for r in rollouts],
                 rewards=[next(rewards) for _ in rollouts],
                 logprobs=[r.logprobs for r in rollouts],
+                versions=[r.weight_version for r in rollouts],
             )
             for prompt, rollouts in zip(prompts, outputs, strict=True)
         ]
 
-    def _sample_groups(self) -> tuple[list[Group], dict[str, float]]:
-        """This DP rank's ``prompts_per_rank`` groups for the step (DAPO: informative groups only, sampled
+    def _sample_groups(self, step: int, groups: RolloutGroups) -> SampledBatch:
+        """This DP rank's ``prompts_per_rank`` groups for ``step`` (DAPO: informative groups only, sampled
         until the DP group holds the whole rollout batch, pooled across DP ranks), masked images built
-        for them when the objective uses them."""
+        for them when the objective uses them; collectives on ``groups``."""
         algo = self.cfg.algorithm
         generated: list[Group] = []
 
         def sample_round() -> tuple[list[Group], int]:
-            batch = self._rollout(self.prompts.next_prompts(self.prompts_per_rank))
+            batch = self._rollout(
+                self.prompts.next_prompts(self.prompts_per_rank), step, groups.model_parallel
+            )
             generated.extend(batch)
             if not algo.dynamic_sampling:
                 return batch, len(batch)
@@ -193,11 +232,11 @@ class Trainer(TrainingLoop):
             return [g for g, k in zip(batch, keep.tolist(), strict=True) if k], len(batch)
 
         filled = fill_rollout_batch(
-            sample_round, self.prompts_per_rank, algo.max_tries, ps.get_data_parallel_group()
+            sample_round, self.prompts_per_rank, algo.max_tries, groups.data_parallel, groups.device
         )
         if self.objective.masked_images_needed:
             for g in filled.groups:
-                g.masked_pixel_values = self.prompts.mask_images(g.prompt, self.step)
+                g.masked_pixel_values = self.prompts.mask_images(g.prompt, step)
         stats = {
             "rollout/tries": float(filled.tries),
             "rollout/keep_rate": filled.keep_rate,
@@ -241,6 +280,37 @@ class Trainer(TrainingLoop):
             "reward/overlong_penalty": float(penalty.mean()),
         }
         return scores + penalty, metrics
+
+    def _save_rollouts(self, groups: list[Group], scores: torch.Tensor) -> None:
+        """``logging.save_rollouts``: the step's samples, one JSON line each (``scores`` [N]: as trained,
+        shaping included), to ``rollouts/step<N>.jsonl`` under the output directory."""
+        decode = self.prompts.tokenizer.batch_decode
+        records = [
+            {
+                "step": self.step,
+                "uid": g.prompt.uid,
+                "prompt": g.prompt.prompt_text,
+                "response": text,
+                "score": score,
+                "accuracy": reward.accuracy,
+                "format": reward.format,
+                "finished": finished,
+                "response_tokens": len(ids),
+                "weight_version": version,
+            }
+            for g, group_scores in zip(groups, scores.split(self.cfg.rollout.n), strict=True)
+            for ids, text, reward, finished, version, score in zip(
+                g.responses,
+                decode(g.responses, skip_special_tokens=True),
+                g.rewards,
+                g.finished,
+                g.versions,
+                group_scores.tolist(),
+                strict=True,
+            )
+        ]
+        path = os.path.join(self.cfg.trainer.output_dir, "rollouts", f"step{self.step}.jsonl")
+        write_dp_records(records, path)
 
     def _advantages(self, scores: torch.Tensor) -> torch.Tensor:
         algo = self.cfg.algorithm
@@ -324,7 +394,8 @@ class Trainer(TrainingLoop):
         old, mask, cap = seqs.token_data.old_log_probs, seqs.loss_mask, self.cfg.rollout.tis_cap
         if cap is not None:
             seqs.token_data.rollout_is_weights = truncated_importance_weights(old, rollout_lp, mask, cap)
-        return {"rollout/logprob_mismatch": logprob_mismatch(old, rollout_lp, mask)}
+        mismatch = {"rollout/logprob_mismatch": logprob_mismatch(old, rollout_lp, mask)}
+        return mismatch | importance_weight_stats(old, rollout_lp, mask, cap)
 
     def _update(self, seqs: StepSequences) -> StepOutcome:
         """``ppo_epochs`` passes of mini-batch optimizer steps over ``seqs``: metrics averaged over them,
@@ -350,11 +421,57 @@ class Trainer(TrainingLoop):
         metrics = {k: _mean([r.metrics[k] for r in results if k in r.metrics]) for k in keys}
         return StepOutcome(metrics, skipped=any(r.skipped for r in results))
 
+    # ---------------------------------------------------------------- rollouts ahead of the update
+
+    def _take_ahead(self) -> SampledBatch:
+        """The step's batch from the producer (started by the first step), once the steps up to
+        ``rollout.max_staleness`` ahead are granted; with the staleness of its rollouts."""
+        cfg = self.cfg
+        if self.producer is None:
+            self._start_producer()
+        assert self.producer is not None
+        ahead = min(self.step + cfg.rollout.max_staleness, cfg.trainer.steps)
+        for step in range(self.producer.granted + 1, ahead + 1):
+            self.producer.grant(step)
+        groups, metrics = self.producer.take(self.step)
+        versions = [v for g in groups for v in g.versions]
+        return groups, metrics | staleness_metrics(versions, self.step, cfg.rollout.max_staleness)
+
+    def _start_producer(self) -> None:
+        """The producer thread, with collective groups of its own (made by every rank together) and the
+        reward workers already forked (forking beside a running thread is unsafe)."""
+        groups = RolloutGroups.private()
+        self.prompts.rewards.start()
+        self.producer = RolloutProducer(
+            lambda step: self._produce(step, groups), self.prompts.state_dict, first_step=self.step
+        )
+
+    def _produce(self, step: int, groups: RolloutGroups) -> SampledBatch:
+        """``step``'s batch on the producer thread, with the engine's figures of its generation."""
+        batch, metrics = self._sample_groups(step, groups)
+        return batch, metrics | self.policy.engine.last_stats
+
+    def _overlap_metrics(self, waited_s: float, step_s: float) -> dict[str, float]:
+        """How much the trainer waited for rollouts (``waited_s`` of the step's ``step_s``) and how much
+        the producer generated during the step (called when it is idle)."""
+        assert self.producer is not None
+        busy = self.producer.busy_s - self._producer_busy_s
+        self._producer_busy_s = self.producer.busy_s
+        return {
+            "perf/rollout_wait_s": waited_s,
+            "perf/trainer_idle_frac": waited_s / step_s,
+            "perf/generator_busy_s": busy,
+            "perf/generator_idle_frac": max(0.0, 1.0 - busy / step_s),
+        }
+
     # ---------------------------------------------------------------- one step
 
     def train_step(self) -> StepOutcome:
         start = time.monotonic()
-        groups, metrics = self._sample_groups()
+        if self.cfg.rollout.max_staleness:
+            groups, metrics = self._take_ahead()
+        else:
+            groups, metrics = self._sample_groups(self.step, RolloutGroups.trainers())
         rollout_time = time.monotonic() - start
         if self.cfg.trainer.max_tokens_per_micro_batch:  # token budgets: even the ranks' tokens too
             tokens = [sum(len(g.prompt.input_ids) + len(r) for r in g.responses) for g in groups]
@@ -362,6 +479,8 @@ class Trainer(TrainingLoop):
             metrics |= balance
         scores, shaping = self._scores(groups)
         metrics |= shaping
+        if self.cfg.logging.save_rollouts:
+            self._save_rollouts(groups, scores)
         seqs = self._sequences(groups, scores)
         log_prob_time = self._compute_token_data(seqs)
         if self.kl_controller is not None:
@@ -372,11 +491,19 @@ class Trainer(TrainingLoop):
         metrics |= update.metrics
         update_time = time.monotonic() - update_start
         sync_start = time.monotonic()
-        self.policy.sync_rollout_weights()
+        if self.producer is not None:  # the batches granted ahead use the current weights
+            self.producer.wait_idle()
+            waited = rollout_time + time.monotonic() - sync_start
+            sync_start = time.monotonic()
+        self.policy.sync_rollout_weights(self.step)
         total = time.monotonic() - start
         tokens = torch.tensor([float(seqs.attention_mask.sum())], device=current_device())
         dist.all_reduce(tokens, group=ps.get_data_parallel_group())
-        metrics |= self.policy.engine.last_stats  # rollout tokens/s, sync time and size
+        engine_stats = self.policy.engine.last_stats  # rollout tokens/s, sync time and size
+        if self.producer is not None:  # each batch has its own rollout figures (``_produce``)
+            engine_stats = {k: v for k, v in engine_stats.items() if not k.startswith("rollout/")}
+            metrics |= self._overlap_metrics(waited, total)
+        metrics |= engine_stats
         perf = {
             "perf/rollout_s": rollout_time,
             "perf/log_prob_s": log_prob_time,

@@ -8,6 +8,7 @@ request in order.
 
 from __future__ import annotations
 
+import math
 import os
 
 import pytest
@@ -85,3 +86,33 @@ def test_batched_prompts_give_each_prompt_its_own_responses(model_dir):
 def test_batch_size_must_be_positive():
     with pytest.raises(ValueError, match="embedded_batch_prompts must be >= 1"):
         RolloutConfig(embedded_batch_prompts=0)
+
+
+def test_log_probs_are_those_of_the_sampling_distribution_and_leave_the_samples_alone(model_dir):
+    """``rollout.max_staleness`` > 0 (or ``tis_cap``): each token's log-prob under ``softmax(logits / T)``
+    without the suppressed vision tokens (top_p 1), as a full forward of the same weights gives it; the
+    tokens are those sampled without log-probs."""
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    weights = load_file(os.path.join(model_dir, "model.safetensors"))
+    g = torch.Generator().manual_seed(0)
+    weights = {k: w + 0.3 * torch.randn(w.shape, generator=g) for k, w in weights.items()}
+    engines = []
+    for staleness in (0, 1):
+        cfg = RolloutConfig(n=N, temperature=0.7, top_p=1.0, max_new_tokens=6, max_staleness=staleness)
+        engine = EmbeddedEngine(model_dir, cfg, tokenizer.eos_token_id, tokenizer.pad_token_id)
+        engine.sync_weights(weights.items())
+        engine.weight_version = 7
+        engines.append(engine)
+    request = _requests(model_dir)[2]  # text only
+    plain, scored = (e.generate([request], N)[0] for e in engines)
+    model = engines[1].model
+    for a, b in zip(plain, scored, strict=True):
+        assert a.logprobs is None and b.logprobs is not None and b.weight_version == 7
+        assert torch.equal(a.response_ids, b.response_ids)
+        ids = torch.cat([request.input_ids, b.response_ids])[None]
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits[0, len(request.input_ids) - 1 : -1] / 0.7
+        logits[:, engines[1].vision_token_ids] = -math.inf
+        want = logits.log_softmax(-1).gather(1, b.response_ids[:, None]).squeeze(1)
+        assert b.logprobs.shape == b.response_ids.shape
+        torch.testing.assert_close(b.logprobs, want, atol=1e-4, rtol=1e-4)  # KV cache vs one forward

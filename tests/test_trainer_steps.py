@@ -52,6 +52,7 @@ def _fresh_layout() -> None:
 
 
 def _masks_built(model: str, root: str, reward: str) -> dict:
+    from megatron_papo.rollout.distributed import RolloutGroups
     from megatron_papo.trainer import Trainer
 
     out = {}
@@ -68,7 +69,7 @@ def _masks_built(model: str, root: str, reward: str) -> dict:
             built.append(prompt.uid) or real(prompt, step)
         )
         trainer.step = 1
-        groups, metrics = trainer._sample_groups()
+        groups, metrics = trainer._sample_groups(1, RolloutGroups.trainers())
         out[name] = dict(
             built=built,
             used=[g.prompt.uid for g in groups],

@@ -11,10 +11,12 @@ sockets and HTTP servers. Tests needing vLLM skip only when its venv (tools/setu
 import http.server
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 
@@ -183,6 +185,26 @@ def prompt_ids(model_dir: str) -> list[int]:
     return AutoTokenizer.from_pretrained(model_dir)("how many circles are in the picture")["input_ids"]
 
 
+def train_on_server(model: str, url: str, out, tp: int, *overrides: str) -> tuple[list[dict], dict]:
+    """3 steps of the main job at tiny size with rollouts from the server at ``url`` (TP ``tp``, plus
+    ``overrides``): its metrics rows, and the environment it ran in."""
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={tp}",
+        "-m", "megatron_papo.cli", "train", "--config", os.path.join(ROOT, "examples/configs/tiny_cpu.yaml"),
+        f"model.hf_path={model}", f"trainer.output_dir={out}", f"checkpoint.dir={out}/ckpt",
+        "checkpoint.save_interval=0", "logging.tensorboard=false",
+        f"parallel.tensor_model_parallel_size={tp}",
+        "trainer.steps=3", "trainer.rollout_batch_size=2", "trainer.update_batch_size=2",
+        "trainer.micro_batch_size=2", "data.synthetic.num_train=8", "data.synthetic.num_test=2",
+        "optimizer.lr=0.003", "rollout.n=2", "rollout.max_new_tokens=8",
+        "rollout.top_p=1.0", "rollout.backend=vllm", f"rollout.vllm_urls=[{url}]", *overrides,
+    ]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT, MEGATRON_PAPO_SYNC_TOKEN=SYNC_TOKEN)
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+    assert result.returncode == 0, f"{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()], env
+
+
 # ---------------------------------------------------------------- real servers
 
 
@@ -252,23 +274,12 @@ def test_training_with_vllm_rollouts_and_weight_sync(served, tmp_path, sync):
     url, out = servers[0 if sync == "broadcast" else 1].url, tmp_path / "run"
     tp = 2 if sync == "broadcast" else 1
     strategy = "patch" if sync == "broadcast" else "raw_grid"
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={tp}",
-        "-m", "megatron_papo.cli", "train", "--config", os.path.join(ROOT, "examples/configs/tiny_cpu.yaml"),
-        f"model.hf_path={model}", f"trainer.output_dir={out}", f"checkpoint.dir={out}/ckpt",
-        "checkpoint.save_interval=0", "logging.tensorboard=false",
-        f"parallel.tensor_model_parallel_size={tp}",
-        "trainer.steps=3", "trainer.rollout_batch_size=2", "trainer.update_batch_size=2",
-        "trainer.micro_batch_size=2", "data.synthetic.num_train=8", "data.synthetic.num_test=2",
-        "optimizer.lr=0.003", "rollout.n=2", "rollout.max_new_tokens=8",
-        "rollout.top_p=1.0", "rollout.backend=vllm", f"rollout.vllm_urls=[{url}]", "rollout.tis_cap=2.0",
-        f"rollout.vllm_weight_sync={sync}", f"masking.strategy={strategy}", "eval.interval=3",
-        "eval.max_prompts=2",
-    ]  # fmt: skip
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT, MEGATRON_PAPO_SYNC_TOKEN=SYNC_TOKEN)
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
-    assert result.returncode == 0, f"{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows, env = train_on_server(
+        model, url, out, tp,
+        "rollout.tis_cap=2.0", f"rollout.vllm_weight_sync={sync}", f"masking.strategy={strategy}",
+        "eval.interval=3", "eval.max_prompts=2",
+    )  # fmt: skip
+    eval_rows = [r for r in rows if "eval/masked_accuracy" in r]
     rows = [r for r in rows if "rollout/logprob_mismatch" in r]
     assert len(rows) == 3, rows
     print({k: [r[k] for r in rows] for k in ("rollout/logprob_mismatch", "sync/time_s")})
@@ -278,7 +289,7 @@ def test_training_with_vllm_rollouts_and_weight_sync(served, tmp_path, sync):
         assert row["rollout/logprob_mismatch"] < 2e-2, row
         assert row["sync/servers"] == 1 and row["sync/bytes"] > 0 and row["sync/time_s"] > 0, row
         assert row["rollout/tokens_per_s"] > 0 and abs(row["actor/tis_weight"] - 1) < 1e-2, row
-    assert [r["eval/prompts"] for r in rows if "eval/masked_accuracy" in r] == [2.0], rows
+    assert [r["eval/prompts"] for r in eval_rows] == [2.0], rows
     # one sync at start-up (the server may hold other weights), one after each update
     info = json.loads(urllib.request.urlopen(f"{url}/weight_info", timeout=10).read())
     assert info["weight_version"].endswith("-4")
@@ -300,6 +311,120 @@ def test_training_with_vllm_rollouts_and_weight_sync(served, tmp_path, sync):
     print("server vs transformers, trained weights:", (served - expected).abs().max().item())
     assert torch.allclose(served, expected, atol=1e-4)
     assert (served - hf_log_probs(model, ids)).abs().max() > 1e-3  # the sync did change the server
+
+
+class CountingProxy:
+    """An HTTP proxy in front of the server at ``upstream`` that counts the completions it has forwarded
+    and not answered yet (``generating``); once the server is gone it drops every connection unanswered,
+    as the dead server would."""
+
+    def __init__(self, upstream: str) -> None:
+        self.generating = 0
+        lock, proxy = threading.Lock(), self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def forward(self):
+                size = int(self.headers.get("Content-Length") or 0)
+                skip = ("host", "content-length", "connection")
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in skip}
+                req = urllib.request.Request(
+                    upstream + self.path, self.rfile.read(size) or None, headers, method=self.command
+                )
+                counted = self.path.startswith("/v1/chat/completions")
+                with lock:
+                    proxy.generating += counted
+                try:
+                    with urllib.request.urlopen(req, timeout=600) as answer:
+                        status, body, kind = answer.status, answer.read(), answer.headers["Content-Type"]
+                except urllib.error.HTTPError as e:
+                    status, body, kind = e.code, e.read(), e.headers["Content-Type"]
+                except OSError:
+                    self.close_connection = True
+                    return
+                finally:
+                    with lock:
+                        proxy.generating -= counted
+                self.send_response(status)
+                self.send_header("Content-Type", kind or "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            do_GET = do_POST = forward
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def step_samples(out) -> dict[int, list[dict]]:
+    """``logging.save_rollouts``' samples of a run directory, by step."""
+    files = (out / "rollouts").glob("step*.jsonl")
+    return {int(f.stem[4:]): [json.loads(x) for x in f.read_text().splitlines()] for f in files}
+
+
+@requires_vllm
+def test_one_step_ahead_server_killed_mid_generation_then_resumed_in_the_same_order(model, servers, tmp_path):
+    """``rollout.max_staleness`` 1 with two servers: step k's samples come from the weights synced after
+    step k - 2, and each step logs their staleness and importance weights. One server is SIGKILLed while
+    it generates a batch ahead of the update: its requests go to the other, no prompt is lost (each of the
+    8 prompts is trained once, with its n samples). A run resumed from the step-2 checkpoint (saved while
+    step 3's batch was generated ahead, dropped) trains the same prompts per step, step 3 at staleness 0."""
+    victim = VllmServerProcess(model, str(tmp_path / "victim.log"), core=1)
+    out = tmp_path / "run"
+    proxy = CountingProxy(victim.url)  # the trainer reaches the victim through it
+    try:
+        victim.wait_up(time.monotonic() + 600)
+        killed = threading.Event()
+
+        def kill_when_generating_ahead():
+            # once step 1 is logged, every batch the servers generate is one ahead of the update
+            deadline = time.monotonic() + 600
+            while time.monotonic() < deadline and not killed.is_set():
+                logged = (out / "metrics.jsonl").exists() and (out / "metrics.jsonl").read_text().strip()
+                if logged and proxy.generating:
+                    victim.kill()
+                    killed.set()
+                time.sleep(0.01)
+
+        killer = threading.Thread(target=kill_when_generating_ahead, daemon=True)
+        killer.start()
+        ahead = ("rollout.max_staleness=1", "trainer.steps=4", "logging.save_rollouts=true")
+        rows, _ = train_on_server(
+            model, f"{servers[0].url},{proxy.url}", out, 1, *ahead, "rollout.tis_cap=2.0",
+            "rollout.max_new_tokens=48", "checkpoint.save_interval=2",
+        )  # fmt: skip
+        killer.join(timeout=30)
+    finally:
+        victim.stop()
+        proxy.close()
+    assert killed.is_set(), "the victim never generated after step 1"
+    assert [r["rollout/weight_version_max"] for r in rows] == [0, 0, 1, 2]
+    assert [r["rollout/staleness"] for r in rows] == [0, 1, 1, 1]
+    assert all(r["rollout/is_weight_mean"] > 0 for r in rows), rows
+    assert rows[0]["rollout/logprob_mismatch"] < 2e-2, rows
+    retries = [r["rollout/retries"] for r in rows]
+    assert retries[0] == 0 and sum(retries) >= 1 and rows[-1]["rollout/servers_up"] == 1, retries
+    samples = step_samples(out)
+    order = [[s["uid"] for s in samples[k]] for k in range(1, 5)]
+    assert all(len(uids) == 4 and len(set(uids)) == 2 for uids in order), order  # 2 prompts x n = 2
+    assert len({u for uids in order for u in uids}) == 8  # the 8 prompts, each once
+    assert [{s["weight_version"] for s in samples[k]} for k in range(1, 5)] == [{0}, {0}, {1}, {2}]
+
+    resumed = tmp_path / "resumed"
+    shutil.copytree(out / "ckpt" / "iter_0000002", resumed / "ckpt" / "iter_0000002")
+    rows, _ = train_on_server(model, servers[0].url, resumed, 1, *ahead, "checkpoint.resume=true")
+    assert [r["step"] for r in rows] == [3, 4] and [r["rollout/staleness"] for r in rows] == [0, 1], rows
+    again = step_samples(resumed)
+    assert [[s["uid"] for s in again[k]] for k in (3, 4)] == order[2:]
+    assert [{s["weight_version"] for s in again[k]} for k in (3, 4)] == [{2}, {2}]
 
 
 @requires_vllm

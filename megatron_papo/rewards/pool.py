@@ -80,11 +80,16 @@ class RewardPool:
         # (it would then wait for them forever): a finalizer it runs first kills them
         mp.util.Finalize(None, self.close, exitpriority=10)
 
+    def start(self) -> None:
+        """Fork the workers unless they run (``grade`` does it first; call it before this process starts
+        other threads: a fork beside a running thread may copy a lock it holds)."""
+        if not self.workers:
+            self.workers = [_Worker(self.fn) for _ in range(self.cfg.workers)]
+
     def grade(self, items: list[Item]) -> list[RewardOutput]:
         """The reward of each item, in order; items graded concurrently, each within ``cfg.timeout_s``."""
         start = time.monotonic()
-        if not self.workers:
-            self.workers = [_Worker(self.fn) for _ in range(self.cfg.workers)]
+        self.start()
         todo = deque(enumerate(items))
         out = [ZERO] * len(items)
         while True:

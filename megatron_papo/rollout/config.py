@@ -20,7 +20,13 @@ class RolloutConfig:
     ``embedded_batch_prompts``: prompts the embedded engine generates in one batch (1: each prompt alone,
     its samples independent of the layout; more: faster, see ``rollout.embedded``).
     ``tis_cap``: truncated importance sampling of the policy-gradient term by
-    ``min(pi_old / pi_rollout, tis_cap)`` per token (off when None; needs the vllm backend's log-probs).
+    ``min(pi_old / pi_rollout, tis_cap)`` per token (off when None; the embedded engine then reports its
+    log-probs too).
+    ``max_staleness``: how many policy versions the rollouts of a step may lag behind the weights it trains
+    from. 0: generate, then train (the synchronous loop). s > 0: the batches of the next ``s`` steps are
+    generated on a background thread while the trainer updates (``training.rollout_producer``), each with the
+    weights of at most ``s`` updates ago; the embedded engine reports its log-probs, so the step logs the
+    log-prob mismatch and importance weights (and ``tis_cap`` corrects for the lag).
     """
 
     backend: Literal["embedded", "vllm"] = "embedded"
@@ -33,6 +39,7 @@ class RolloutConfig:
     vllm_sync_host: str | None = None
     tis_cap: float | None = None
     embedded_batch_prompts: int = 1
+    max_staleness: int = 0
 
     def __post_init__(self) -> None:
         check_choices(self, "rollout")
@@ -50,8 +57,12 @@ class RolloutConfig:
             raise ValueError(f"rollout.max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.backend == "vllm" and not self.vllm_urls:
             raise ValueError("rollout.backend is 'vllm' but rollout.vllm_urls is empty")
-        if self.tis_cap is not None and (self.tis_cap <= 0 or self.backend != "vllm"):
-            raise ValueError(
-                f"rollout.tis_cap must be > 0 and needs rollout.backend 'vllm' (the engine's log-probs), "
-                f"got tis_cap={self.tis_cap}, backend={self.backend!r}"
-            )
+        if self.tis_cap is not None and self.tis_cap <= 0:
+            raise ValueError(f"rollout.tis_cap must be > 0, got {self.tis_cap}")
+        if self.max_staleness < 0:
+            raise ValueError(f"rollout.max_staleness must be >= 0, got {self.max_staleness}")
+
+    @property
+    def engine_logprobs(self) -> bool:
+        """Whether the step needs the engine's log-probs of its samples (importance weights, mismatch)."""
+        return self.tis_cap is not None or self.max_staleness > 0

@@ -24,3 +24,21 @@ def truncated_importance_weights(
     """Per-token ``min(exp(trainer_lp - rollout_lp), cap)`` [N, L], 0 on padding (``mask`` == 0)."""
     ratio = torch.exp((trainer_lp - rollout_lp).float()).clamp(max=cap)
     return torch.where(mask > 0, ratio, torch.zeros_like(ratio))
+
+
+def importance_weight_stats(
+    trainer_lp: torch.Tensor, rollout_lp: torch.Tensor, mask: torch.Tensor, cap: float | None
+) -> dict[str, float]:
+    """The untruncated per-token weights ``pi_old / pi_rollout`` over the response tokens ``mask`` > 0 (all
+    three [N, L]): mean, min and max, and with a ``cap`` the share of tokens above it (the ones TIS cuts)."""
+    ratio = torch.exp(trainer_lp.double() - rollout_lp.double())[mask > 0]
+    if ratio.numel() == 0:
+        return {}
+    stats = {
+        "rollout/is_weight_mean": float(ratio.mean()),
+        "rollout/is_weight_min": float(ratio.min()),
+        "rollout/is_weight_max": float(ratio.max()),
+    }
+    if cap is not None:
+        stats["rollout/is_weight_capped"] = float((ratio > cap).double().mean())
+    return stats

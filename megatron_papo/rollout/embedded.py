@@ -10,6 +10,12 @@ a generator seeded by the request's seed, so the responses do not depend on how 
 ranks: a run is reproducible across TP/PP/DP layouts. With ``embedded_batch_prompts=k`` the requests go in
 batches of ``k`` prompts (``k * n`` rows, prompts left-padded), seeded by each batch's first request: many
 times faster on small models, reproducible for a given layout but no longer across DP sizes.
+
+When the step needs them (``RolloutConfig.engine_logprobs``: ``rollout.tis_cap`` or ``max_staleness`` > 0)
+each rollout carries the log-probs of its tokens under the distribution sampled from: ``log_softmax`` of
+transformers' processed scores (after temperature, top-p and the suppressed vision tokens), which keeps
+``[rows, vocab]`` per generated token until the batch ends (fine at the embedded engine's sizes). Sampling
+does not change: the same seed gives the same tokens with or without them.
 """
 
 from __future__ import annotations
@@ -47,6 +53,7 @@ class EmbeddedEngine:
         self.pad_token_id = pad_token_id
         self.device = torch.device(device)
         self.last_stats: dict[str, float] = {}
+        self.weight_version = 0
         self.vision_token_ids = vision_token_ids(config)
 
     def sync_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
@@ -101,6 +108,7 @@ class EmbeddedEngine:
                 # without token types transformers falls back to 1-D positions: the trainer uses M-RoPE
                 mm_token_type_ids=(input_ids == self.model.config.image_token_id).int(),
             )
+        scored = self.cfg.engine_logprobs
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             torch.manual_seed(requests[0].seed)
             out = self.model.generate(
@@ -117,10 +125,34 @@ class EmbeddedEngine:
                 max_new_tokens=self.cfg.max_new_tokens,
                 eos_token_id=self.eos_token_id,
                 pad_token_id=self.pad_token_id,
+                output_scores=scored,
+                return_dict_in_generate=scored,
             )
+        tokens = (out.sequences if scored else out)[:, longest:]
+        logprobs = sampled_logprobs(out.scores, tokens).cpu() if scored else None
         rollouts = []
-        for row in out[:, longest:].cpu():
+        for i, row in enumerate(tokens.cpu()):
             eos = (row == self.eos_token_id).nonzero()
             end = int(eos[0]) + 1 if len(eos) else len(row)
-            rollouts.append(Rollout(response_ids=row[:end].clone(), finished=bool(len(eos))))
+            rollouts.append(
+                Rollout(
+                    response_ids=row[:end].clone(),
+                    finished=bool(len(eos)),
+                    logprobs=None if logprobs is None else logprobs[i, :end].clone(),
+                    weight_version=self.weight_version,
+                )
+            )
         return [rollouts[i * n : (i + 1) * n] for i in range(len(requests))]
+
+
+def sampled_logprobs(scores: tuple[torch.Tensor, ...], tokens: torch.Tensor) -> torch.Tensor:
+    """The log-prob of each generated token under the distribution it was sampled from: ``scores`` one
+    [rows, vocab] per generation step (transformers' processed scores), ``tokens`` [rows, steps]; returns
+    [rows, steps] float32 (rows that ended early get the values of their padding, cut by the caller)."""
+    return torch.stack(
+        [
+            step.float().log_softmax(-1).gather(1, tokens[:, i : i + 1]).squeeze(1)
+            for i, step in enumerate(scores)
+        ],
+        dim=1,
+    )

@@ -42,17 +42,22 @@ class Rollout:
     """One sampled response: ``response_ids`` [resp_len] ends with EOS when ``finished``.
 
     ``logprobs`` [resp_len] float32: the engine's log-prob of each response token under the distribution
-    it sampled from (None: the engine does not report them).
+    it sampled from (None: the engine does not report them). ``weight_version``: the policy version (the
+    optimizer steps behind its weights) the engine sampled with (None: unknown).
     """
 
     response_ids: torch.Tensor
     finished: bool
     logprobs: torch.Tensor | None = None
+    weight_version: int | None = None
 
 
 class RolloutEngine(Protocol):
     last_stats: dict[str, float]
     """Figures of the latest ``generate`` / ``sync_weights`` (metric name -> value), logged each step."""
+
+    weight_version: int
+    """The policy version of the loaded weights (set by whoever syncs them), stamped on every rollout."""
 
     def generate(self, requests: list[RolloutRequest], n: int) -> list[list[Rollout]]:
         """For each request, ``n`` responses (outer list aligned with ``requests``)."""

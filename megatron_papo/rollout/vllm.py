@@ -118,6 +118,7 @@ class VllmEngine:
         self.servers = self.pool.servers
         self.model = cfg.model
         self.last_stats: dict[str, float] = {}
+        self.weight_version = 0
 
     @classmethod
     def from_config(cls, cfg) -> VllmEngine:
@@ -155,6 +156,8 @@ class VllmEngine:
         workers = min(len(requests), self.cfg.max_in_flight_per_server * len(self.servers))
         with ThreadPoolExecutor(max_workers=workers) as pool:
             out = list(pool.map(lambda r: self._complete(r, n), requests))
+        for rollout in (r for rollouts in out for r in rollouts):
+            rollout.weight_version = self.weight_version
         self.last_stats |= rollout_stats(out, time.monotonic() - start) | {
             "rollout/retries": float(self.pool.retries),
             "rollout/servers_up": float(self.pool.up_count()),

@@ -39,11 +39,13 @@ def fill_rollout_batch(
     quota: int,
     max_tries: int,
     group: dist.ProcessGroup | None,
+    device: torch.device | None = None,
 ) -> FilledBatch[T]:
     """Run sampling rounds until the DP ``group`` has kept ``quota`` groups per rank; return this rank's.
 
     Collective over ``group``: every rank of it must call this with the same ``quota`` and ``max_tries``
-    (``group=None``: no data parallelism, no collectives). ``sample_round()`` runs one round on this rank
+    (``group=None``: no data parallelism, no collectives; ``device``: where its tensor collectives' buffers
+    live, default the current device). ``sample_round()`` runs one round on this rank
     and returns (the informative groups it kept, the number of groups it generated). All ranks run the
     same rounds and stop after the first one at which the group holds ``quota * dp_size`` kept groups in
     total; after ``max_tries`` rounds without that, every rank raises ``DynamicSamplingError``.
@@ -63,7 +65,8 @@ def fill_rollout_batch(
         groups, n = sample_round()
         kept += groups
         generated += n
-        counts = _all_gather_counts([len(kept), generated], group)  # [rank] -> [kept, generated]
+        # [rank] -> [kept, generated]
+        counts = _all_gather_counts([len(kept), generated], group, device or current_device())
         total_kept, total_generated = (sum(c) for c in zip(*counts, strict=True))
         if total_kept >= needed:
             break
@@ -91,11 +94,13 @@ def fill_rollout_batch(
     return FilledBatch(batch, tries, total_generated, total_kept, total_kept - needed)
 
 
-def _all_gather_counts(counts: list[int], group: dist.ProcessGroup | None) -> list[list[int]]:
-    """``counts`` of every rank of ``group``, in rank order."""
+def _all_gather_counts(
+    counts: list[int], group: dist.ProcessGroup | None, device: torch.device
+) -> list[list[int]]:
+    """``counts`` of every rank of ``group``, in rank order (gathered on ``device``)."""
     if group is None or dist.get_world_size(group) == 1:
         return [counts]
-    local = torch.tensor(counts, dtype=torch.int64, device=current_device())
+    local = torch.tensor(counts, dtype=torch.int64, device=device)
     out = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
     dist.all_gather(out, local, group=group)
     return torch.stack(out).tolist()
