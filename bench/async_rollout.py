@@ -143,10 +143,10 @@ def main(argv: list[str] | None = None) -> None:
         f"(medians of steps 2-{args.steps}), {args.max_new_tokens} new tokens, OMP_NUM_THREADS={args.threads}"
     )
     print("".join(f"{h:>16}" for h in HEADER))
-    baseline = summarize(rows[0], 0)[0] if 0 in rows else None
+    figures = {s: summarize(variant, s) for s, variant in rows.items()}
+    baseline = figures[0][0] if 0 in figures else None
     ideal = ideal_step(rows[0]) if 0 in rows else None
-    for staleness, variant in rows.items():
-        step_s, trainer, generator = summarize(variant, staleness)
+    for staleness, (step_s, trainer, generator) in figures.items():
         ratio = f"{step_s / baseline:.3f}" if baseline else "-"
         overlap = f"{(baseline - step_s) / (baseline - ideal):.3f}" if baseline and baseline > ideal else "-"
         print(f"{staleness:>16}{step_s:>16.3f}{trainer:>16.3f}{generator:>16.3f}{ratio:>16}{overlap:>16}")

@@ -77,24 +77,15 @@ def make_random_3b(out_dir: str, smoke: bool, seed: int = 0) -> str:
     return out_dir
 
 
-def _memory(field: str) -> int:
-    """``VmRSS`` / ``VmHWM`` of this process, in bytes."""
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
-
-
 def _measured(fn) -> dict:
     """Run ``fn`` with the resident high-water mark reset first; its seconds and peak."""
-    from megatron_papo.parallel.host_memory import release_freed_memory
+    from megatron_papo.parallel.host_memory import reset_resident_peak, resident_bytes
 
     gc.collect()
-    release_freed_memory()
-    base = _memory("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset VmHWM to the current resident size
+    base = reset_resident_peak()
     start = time.monotonic()
     fn()
-    return {"base": base, "peak": _memory("VmHWM"), "seconds": time.monotonic() - start}
+    return {"base": base, "peak": resident_bytes("VmHWM"), "seconds": time.monotonic() - start}
 
 
 def export_rank(ckpt: str, hf_dir: str, out: str, sync_dir: str | None, buffer_bytes: int) -> None:

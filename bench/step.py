@@ -56,7 +56,7 @@ from megatron_papo.objectives.registry import build_objective
 from megatron_papo.papo.config import AlgorithmConfig
 from megatron_papo.parallel import ParallelConfig, destroy_distributed, initialize_distributed
 from megatron_papo.parallel.device import current_device
-from megatron_papo.parallel.host_memory import release_freed_memory
+from megatron_papo.parallel.host_memory import reset_resident_peak, resident_bytes
 from megatron_papo.planner.architectures import QWEN2_5_VL, LanguageArch, ModelArch, VisionArch
 from megatron_papo.planner.flops import language_forward_flops, vision_forward_flops
 from megatron_papo.policy import Policy
@@ -300,18 +300,13 @@ def _reset_peak_memory() -> int:
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
         return torch.cuda.memory_allocated()
-    release_freed_memory()
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # resets the resident set's high-water mark (Linux >= 4.0)
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+    return reset_resident_peak()
 
 
 def _peak_memory() -> int:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated()
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+    return resident_bytes("VmHWM")
 
 
 def measured_peak_flops(dtype: torch.dtype, seconds: float = 0.3, n: int = 1024) -> float:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 import sys
 import tempfile
 from collections.abc import Callable
@@ -18,6 +17,10 @@ from typing import Any
 
 import torch
 import torch.multiprocessing as mp
+
+from megatron_papo.parallel.ports import free_port
+
+__all__ = ["START_METHOD", "free_port", "run_distributed", "start_forkserver"]
 
 START_METHOD = "forkserver"
 PRELOAD = ["megatron_papo.trainer", "megatron_papo.sft", "megatron_papo.models.conversion"]
@@ -42,12 +45,6 @@ def start_forkserver(log_path: str) -> None:
         for fd, copy in enumerate(saved, start=1):
             os.dup2(copy, fd)
             os.close(copy)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(

@@ -12,8 +12,9 @@ import os
 
 import pytest
 
+from megatron_papo.parallel.ports import free_port
 from megatron_papo.rollout.sync_auth import new_token
-from megatron_papo.rollout.vllm_process import ROOT, VLLM_VENV, LocalVllmServer, free_port
+from megatron_papo.rollout.vllm_process import ROOT, VLLM_VENV, LocalVllmServer
 
 __all__ = ["ROOT", "SYNC_TOKEN", "VllmServerProcess", "free_port", "requires_vllm"]
 

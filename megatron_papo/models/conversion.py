@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import tempfile
 from collections.abc import Callable
 
@@ -27,6 +26,7 @@ from torch.multiprocessing.spawn import ProcessException
 from megatron_papo.models.config import DTYPES, ModelConfig, check_layout, load_hf_config
 from megatron_papo.models.hf_directory import copy_non_weight_files, save_hf_directory
 from megatron_papo.models.weights import HFCheckpoint
+from megatron_papo.parallel.ports import free_port
 
 HF_FILES = "hf"  # the source's config / tokenizer / processor files inside a converted checkpoint
 # how the ranks of a conversion outside torchrun / srun start (the tests fork them from a fork server)
@@ -139,9 +139,7 @@ def _launch(tp: int, pp: int, fn: Callable, args: tuple) -> None:
     if "WORLD_SIZE" in os.environ:  # under torchrun / srun: these processes are the ranks
         _run(tp, pp, fn, args)
         return
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     with tempfile.TemporaryDirectory() as errors:
         try:
             mp.start_processes(

@@ -1,4 +1,5 @@
-"""Freed host memory handed back to the operating system (glibc), between the pieces of a streamed export.
+"""Freed host memory handed back to the operating system (glibc), between the pieces of a streamed export;
+a process's resident memory and its peak, for the benchmarks that measure them.
 
 glibc keeps freed blocks in its arenas (one per thread that allocated: gloo's receive threads have their
 own) and raises its mmap threshold after large frees, so blocks of many sizes, each freed, can stay
@@ -31,6 +32,21 @@ def release_freed_memory() -> None:
     """Return the free pages of every malloc arena to the OS (a no-op without glibc)."""
     if _LIBC is not None:
         _LIBC.malloc_trim(0)
+
+
+def resident_bytes(field: str = "VmRSS") -> int:
+    """This process's ``VmRSS`` (resident now) or ``VmHWM`` (its high-water mark), in bytes (Linux)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
+
+
+def reset_resident_peak() -> int:
+    """Hand the freed blocks back, then reset ``VmHWM`` to the resident size (Linux >= 4.0); that size,
+    in bytes: a measured peak over it is what the code measured after it needed."""
+    release_freed_memory()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return resident_bytes()
 
 
 def trimmed(items: Iterator[T]) -> Iterator[T]:

@@ -11,21 +11,15 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import time
 
+from megatron_papo.parallel.ports import free_port
 from megatron_papo.rollout.sync_auth import ENV
 from megatron_papo.rollout.vllm_http import VllmServer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 VLLM_VENV = os.environ.get("MEGATRON_PAPO_VLLM_VENV", os.path.expanduser("~/.cache/megatron-papo/vllm-venv"))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class LocalVllmServer:
